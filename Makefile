@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine that has only Python and pip:
+#   make demo   installs masm into .venv and runs the offline end-to-end demo
+#   make test   installs masm with its test extras into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned here (not in pyproject, which declares a range): this exact CPU build is served from
+# local disk on our machines, while a bare `torch` requirement would pull a several-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install demo test lint format clean
+
+$(BIN)/masm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[all]"
+	touch $(BIN)/masm
+
+install: $(BIN)/masm
+
+demo: install
+	$(BIN)/masm demo --out demo_out
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

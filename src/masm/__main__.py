@@ -1,0 +1,3 @@
+from masm.cli.main import main
+
+raise SystemExit(main())
