@@ -1,1 +1,21 @@
-"""method"""
+"""The method: MASM adapter layers, their decomposition, losses and the selective layer mask."""
+
+from .apply import apply_masm, count_masm_parameters, find_targets, masm_layers, merge_masm
+from .config import MaskConfig, MASMConfig
+from .layer import MASMLinear
+from .losses import regularizers, total_loss
+from .mask import SelectiveMaskController
+
+__all__ = [
+    "MASMConfig",
+    "MASMLinear",
+    "MaskConfig",
+    "SelectiveMaskController",
+    "apply_masm",
+    "count_masm_parameters",
+    "find_targets",
+    "masm_layers",
+    "merge_masm",
+    "regularizers",
+    "total_loss",
+]

@@ -13,7 +13,9 @@ class FaceCropConfig:
     """How faces are cut out of frames before the model sees them (DeepfakeBench's defaults)."""
 
     size: int = field(default=256, metadata={"help": "side of the aligned face crop in pixels"})
-    scale: float = field(default=1.3, metadata={"help": "margin: crop side / face size of the ArcFace template"})
+    scale: float = field(
+        default=1.3, metadata={"help": "margin: crop side / face size of the ArcFace template"}
+    )
 
 
 @dataclass

@@ -1,0 +1,22 @@
+"""``masm bench NAME``: benchmarks. Each lives in ``masm.benchmarks.<module>`` and defines
+``add_arguments(parser)`` and ``run(args) -> int``."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {
+    "speed": ("speed", "training-step and inference speed and peak memory: MASM vs Effort, LoRA, full"),
+    "quality": ("quality", "leave-family-out generalisation of every method on synthetic forgeries"),
+    "preprocess": ("preprocess_speed", "face preprocessing throughput on a 720p clip"),
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark", description=__doc__)
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(f"masm.benchmarks.{module_name}")
+        module.add_arguments(bench_parser)
+        bench_parser.set_defaults(func=module.run)

@@ -1,0 +1,81 @@
+"""Put MASM layers into a model and take them out again (PEFT-style ``apply`` / ``merge``)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ConfigError
+from .config import MASMConfig
+from .decomposition import decompose
+from .layer import MASMLinear
+
+logger = logging.getLogger(__name__)
+
+
+def find_targets(model: nn.Module, pattern: str) -> list[tuple[str, nn.Linear]]:
+    """``(name, module)`` of every ``nn.Linear`` whose qualified name matches ``pattern`` (``re.search``)."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"target_modules {pattern!r} is not a valid regex: {err}") from None
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and regex.search(n)]
+    if not targets:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ConfigError(
+            f"target_modules {pattern!r} matches no Linear layer; some Linear names: {', '.join(linears[:6])}"
+        )
+    return targets
+
+
+def apply_masm(model: nn.Module, config: MASMConfig | None = None, cache_dir: Path | None | bool = None):
+    """Replace the targeted Linears of ``model`` in place by :class:`MASMLinear` and freeze the rest.
+
+    Afterwards only the artifact subspaces (``U_k``, ``s_k``, ``V_k``) require gradients. Returns ``model``.
+    ``cache_dir`` is where SVDs are cached (``None``: ``$MASM_CACHE_DIR`` or ``~/.cache/masm``; ``False``:
+    no disk cache).
+    """
+    config = config or MASMConfig()
+    targets = find_targets(model, config.target_modules)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, linear in targets:
+        svd = decompose(linear.weight, config.svd_dtype, cache_dir)
+        _set_submodule(model, name, MASMLinear(linear, svd, config))
+    logger.debug(
+        "MASM: adapted %d Linear layers (K=%d, m=%d)",
+        len(targets),
+        config.num_subspaces,
+        config.subspace_rank,
+    )
+    return model
+
+
+def merge_masm(model: nn.Module) -> nn.Module:
+    """Fold every :class:`MASMLinear` of ``model`` back into a plain ``nn.Linear`` (in place)."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, MASMLinear):
+            _set_submodule(model, name, layer.merge())
+    return model
+
+
+def masm_layers(model: nn.Module) -> list[tuple[str, MASMLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MASMLinear)]
+
+
+def count_masm_parameters(model: nn.Module, config: MASMConfig) -> int:
+    """Trainable parameters MASM would add: ``Σ_layers K·m·(d_out + d_in + 1)``.
+
+    Works on a model built on the ``meta`` device, so the count of ViT-L/14 needs no weights.
+    """
+    per_rank = sum(m.out_features + m.in_features + 1 for _, m in find_targets(model, config.target_modules))
+    return config.artifact_rank * per_rank
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

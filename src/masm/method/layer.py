@@ -1,0 +1,150 @@
+"""The MASM adapter layer: a pretrained ``nn.Linear`` split into a frozen semantic part and K trainable
+artifact subspaces (method.md §1–3).
+
+Like PEFT's LoRA and OSF layers, :class:`MASMLinear` takes the place of the original Linear, keeps the
+frozen factors as buffers and the trainable ones as Parameters, and :meth:`MASMLinear.merge` turns it back
+into a plain ``nn.Linear``. Unlike Effort's reference code it never rebuilds a ``d_out × d_in`` matrix
+during training: the artifact part is applied through its low-rank factors, so backward computes no
+full-size weight gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MASMConfig
+from .decomposition import SVD, residual_groups
+
+
+class MASMLinear(nn.Module):
+    """``y = x W_semᵀ + b + ((x V_cat) ⊙ s_cat) U_catᵀ``.
+
+    Buffers: ``weight_sem`` (frozen semantic weight), ``bias`` (frozen), ``sigma0`` (initial singular
+    values of each subspace, for the spectral loss), ``energy0`` / ``energy_sem`` (squared Frobenius
+    norms for Effort's energy loss) and, when the semantic guard is on, ``U_sem`` / ``V_sem``.
+    Parameters: ``U[k]`` (d_out×m), ``s[k]`` (m), ``V[k]`` (d_in×m) for k = 0..K-1.
+    """
+
+    def __init__(self, base: nn.Linear, svd: SVD, config: MASMConfig):
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.num_subspaces = config.num_subspaces
+        self.subspace_rank = config.subspace_rank
+        self.semantic_guard = config.semantic_guard
+        n = min(self.in_features, self.out_features)
+        groups = residual_groups(n, config.num_subspaces, config.subspace_rank, config.slicing)
+        rank_sem = n - config.artifact_rank
+        dtype = base.weight.dtype
+        device = base.weight.device
+        weight = base.weight.detach().to(svd.U.dtype).cpu()
+        U, S, Vh = svd.U, svd.S, svd.Vh
+
+        residual = torch.cat(groups)
+        # W_sem = W - (residual part), in the SVD's precision: the layer then reproduces W to round-off
+        # whatever the truncation, and W itself is not kept.
+        weight_res = (U[:, residual] * S[residual]) @ Vh[residual]
+        self.register_buffer("weight_sem", (weight - weight_res).to(device, dtype))
+        self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
+        self.U = nn.ParameterList([nn.Parameter(U[:, g].to(device, torch.float32)) for g in groups])
+        self.s = nn.ParameterList([nn.Parameter(S[g].to(device, torch.float32)) for g in groups])
+        self.V = nn.ParameterList([nn.Parameter(Vh[g].T.to(device, torch.float32)) for g in groups])
+        sigma0 = torch.stack([S[g].sort(descending=True).values for g in groups]).float()
+        self.register_buffer("sigma0", sigma0.to(device))
+        self.register_buffer("energy0", weight.pow(2).sum().float().to(device))
+        self.register_buffer("energy_sem", (weight - weight_res).pow(2).sum().float().to(device))
+        if config.semantic_guard != "off":
+            self.register_buffer("U_sem", U[:, :rank_sem].to(device, torch.float32).contiguous())
+            self.register_buffer("V_sem", Vh[:rank_sem].T.to(device, torch.float32).contiguous())
+        if config.semantic_guard == "project":
+            for k in range(self.num_subspaces):
+                self.U[k].register_hook(self._project_out_of_semantic_U)
+                self.V[k].register_hook(self._project_out_of_semantic_V)
+
+    # -- forward and merge ------------------------------------------------------------------------------
+    def artifact_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U_cat, s_cat, V_cat)``: the K subspaces side by side (d_out×Km, Km, d_in×Km)."""
+        return torch.cat(list(self.U), 1), torch.cat(list(self.s)), torch.cat(list(self.V), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        U, s, V = self.artifact_factors()
+        out = F.linear(x, self.weight_sem, self.bias)
+        low_rank = (x.to(V.dtype) @ V) * s
+        return out + (low_rank @ U.T).to(out.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        U, s, V = self.artifact_factors()
+        return self.weight_sem + ((U * s) @ V.T).to(self.weight_sem.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function (for inference at the backbone's speed)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight_sem.device,
+            dtype=self.weight_sem.dtype,
+        )
+        linear.weight.copy_(self.merged_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def subspace_parameters(self, k: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+        """The trainable tensors of artifact subspace ``k``: ``(U_k, s_k, V_k)``."""
+        return self.U[k], self.s[k], self.V[k]
+
+    # -- regularisers (method.md §3) ----------------------------------------------------------------------
+    def orthogonality_loss(self) -> torch.Tensor:
+        """``(‖Q_Uᵀ Q_U − I‖² + ‖Q_Vᵀ Q_V − I‖²) / (K·m)``, plus the semantic penalty in ``penalty`` mode.
+
+        Gram matrices are Km×Km (``QᵀQ``), not d×d: that is what orthonormal columns mean.
+        """
+        U, _, V = self.artifact_factors()
+        eye = torch.eye(U.shape[1], device=U.device, dtype=U.dtype)
+        loss = (U.T @ U - eye).pow(2).sum() + (V.T @ V - eye).pow(2).sum()
+        if self.semantic_guard == "penalty":
+            loss = loss + (self.U_sem.T @ U).pow(2).sum() + (self.V_sem.T @ V).pow(2).sum()
+        return loss / U.shape[1]
+
+    def spectral_loss(self, mode: str = "artifact") -> torch.Tensor:
+        """Spectral consistency.
+
+        ``artifact``: ``Σ_k ‖σ(A_k) − σ⁰_k‖² / Σ_k ‖σ⁰_k‖²`` with ``A_k = U_k diag(s_k) V_kᵀ``. The
+        singular values of ``A_k`` come from QR factors of ``U_k`` and ``V_k`` and an m×m SVD, which is
+        exact and differentiable. The normaliser is the initial artifact energy (not the whole spectrum's,
+        which would make the term vanish next to the semantic singular values).
+        ``energy``: ``|‖W‖² − ‖W⁰‖²| / ‖W⁰‖²`` (Effort), computed from the factors without forming ``W``.
+        """
+        if mode == "artifact":
+            sigma = []
+            for k in range(self.num_subspaces):
+                _, r_u = torch.linalg.qr(self.U[k])
+                _, r_v = torch.linalg.qr(self.V[k])
+                sigma.append(torch.linalg.svdvals((r_u * self.s[k]) @ r_v.T))
+            sigma = torch.stack(sigma)
+            return (sigma - self.sigma0).pow(2).sum() / self.sigma0.pow(2).sum().clamp_min(1e-30)
+        if mode == "energy":
+            U, s, V = self.artifact_factors()
+            # ‖W_sem + U diag(s) Vᵀ‖² = ‖W_sem‖² + 2 Σ_j s_j u_jᵀ W_sem v_j + Σ_ij s_i s_j (UᵀU)_ij (VᵀV)_ij
+            cross = ((self.weight_sem.float() @ V) * U).sum(0) @ s
+            artifact = ((U.T @ U) * (V.T @ V) * s[:, None] * s[None, :]).sum()
+            energy = self.energy_sem + 2 * cross + artifact
+            return (energy - self.energy0).abs() / self.energy0
+        raise ValueError(f"unknown spectral mode {mode!r}")
+
+    # -- semantic guard by gradient projection -----------------------------------------------------------
+    def _project_out_of_semantic_U(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad - self.U_sem @ (self.U_sem.T @ grad)
+
+    def _project_out_of_semantic_V(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad - self.V_sem @ (self.V_sem.T @ grad)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"K={self.num_subspaces}, m={self.subspace_rank}, semantic_guard={self.semantic_guard}"
+        )

@@ -1,0 +1,221 @@
+"""Checkpoint directories: ``config.json`` + safetensors weights. Loading never unpickles anything.
+
+Layout::
+
+    DIR/config.json         format, model config (backbone, method, preprocessing), backbone HF config,
+                            backbone fingerprint, weight kind, sha256 of every data file
+    DIR/model.safetensors   ``adapter``: trainable tensors + head (the pretrained backbone is reloaded from
+                            its source and verified by fingerprint); ``merged``: the plain backbone with
+                            adapters folded in, plus the head (loadable without the MASM code path)
+    DIR/<extra>.safetensors optional extra tensor files (the trainer's optimizer / mask / RNG state)
+    DIR/<extra>.json        optional extra JSON files
+
+A directory is written to a temporary sibling and renamed into place, so a reader sees either the old or
+the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from ..config import to_dict
+from ..errors import CheckpointError, MasmError
+from .detector import Detector, create_detector, model_config_from_dict
+
+FORMAT = "masm-detector"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_checkpoint(
+    detector: Detector,
+    directory: str | Path,
+    *,
+    merged: bool = False,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_json: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``detector`` to ``directory`` atomically and return the path.
+
+    ``merged=True`` stores plain backbone weights (adapters folded in) instead of adapter weights; the
+    detector itself is left unchanged. ``extra_tensors`` / ``extra_json`` map file stems to content.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = _merged_state(detector) if merged else _adapter_state(detector)
+    save_file(tensors, str(tmp / WEIGHTS_FILE))
+    files = [WEIGHTS_FILE]
+    for stem, content in (extra_tensors or {}).items():
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / f"{stem}.safetensors")
+        )
+        files.append(f"{stem}.safetensors")
+    for stem, content in (extra_json or {}).items():
+        (tmp / f"{stem}.json").write_text(json.dumps(content, indent=1))
+        files.append(f"{stem}.json")
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "weights": "merged" if merged or detector.merged else "adapter",
+        "model": to_dict(detector.config),
+        "backbone_config": detector.backbone.config.to_dict(),
+        "backbone_fingerprint": detector.backbone_fingerprint,
+        "sha256": {name: _sha256(tmp / name) for name in files},
+        "info": info or {},
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+    _replace_dir(tmp, directory)
+    return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
+    """The validated ``config.json`` of a checkpoint directory, with its data files' checksums verified."""
+    directory = _existing(Path(directory))
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a masm checkpoint: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    for key in ("format", "weights", "model", "backbone_config", "sha256"):
+        if key not in config:
+            raise CheckpointError(f"{path}: missing key {key!r}")
+    if config["format"] != FORMAT or config.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported format {config['format']!r} version {config.get('version')!r}"
+        )
+    for name, expected in config["sha256"].items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {CONFIG_FILE} but missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file}: checksum mismatch, the file was modified or truncated")
+    config["directory"] = str(directory)
+    return config
+
+
+def load_checkpoint(
+    directory: str | Path, *, device: str | torch.device = "cpu", merge: bool = False
+) -> Detector:
+    """Rebuild the detector stored in ``directory``; ``merge=True`` folds adapters for fast inference."""
+    config = read_checkpoint_config(directory)
+    directory = Path(config["directory"])
+    model_config = model_config_from_dict(config["model"])
+    if config["weights"] == "merged":
+        backbone = CLIPVisionModel(CLIPVisionConfig(**_strip_hf_keys(config["backbone_config"])))
+        detector = Detector(
+            backbone, model_config, model_config.preprocessing, config.get("backbone_fingerprint", "")
+        )
+        detector.merged = True
+        _load_tensors(detector, directory / WEIGHTS_FILE, require_all=True)
+    else:
+        try:
+            detector = create_detector(
+                model_config.backbone, model_config.method, preprocessing=model_config.preprocessing
+            )
+        except MasmError as err:
+            raise CheckpointError(f"{directory}: cannot rebuild its backbone: {err}") from None
+        if (
+            config.get("backbone_fingerprint")
+            and detector.backbone_fingerprint != config["backbone_fingerprint"]
+        ):
+            raise CheckpointError(
+                f"{directory}: the backbone {model_config.backbone!r} found here has other weights than the one "
+                "this checkpoint was trained on (fingerprint mismatch)"
+            )
+        _load_tensors(detector, directory / WEIGHTS_FILE, require_all=False)
+    detector.eval().to(device)
+    return detector.merge() if merge else detector
+
+
+def load_extra_tensors(directory: str | Path, stem: str) -> dict[str, torch.Tensor]:
+    path = Path(directory) / f"{stem}.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+
+
+def _adapter_state(detector: Detector) -> dict[str, torch.Tensor]:
+    names = {name for name, p in detector.named_parameters() if p.requires_grad or name.startswith("head.")}
+    return {name: p.detach().cpu().contiguous() for name, p in detector.named_parameters() if name in names}
+
+
+def _merged_state(detector: Detector) -> dict[str, torch.Tensor]:
+    if detector.merged:
+        state = detector.state_dict()
+    else:
+        import copy
+
+        state = copy.deepcopy(detector).merge().state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _load_tensors(detector: Detector, path: Path, *, require_all: bool) -> None:
+    expected = detector.state_dict()
+    required = set(expected) if require_all else set(_adapter_state(detector))
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = set(fh.keys())
+            for key in sorted(keys):
+                if key not in expected:
+                    raise CheckpointError(f"{path}: unexpected key {key!r} (not a tensor of this model)")
+                shape = tuple(fh.get_slice(key).get_shape())
+                if shape != tuple(expected[key].shape):
+                    raise CheckpointError(
+                        f"{path}: key {key!r} has shape {shape}, the model needs {tuple(expected[key].shape)}"
+                    )
+            missing = sorted(required - keys)
+            if missing:
+                raise CheckpointError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+            tensors = {key: fh.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    detector.load_state_dict(tensors, strict=require_all)
+
+
+def _strip_hf_keys(config: dict[str, Any]) -> dict[str, Any]:
+    drop = {"transformers_version", "architectures", "model_type", "_name_or_path", "torch_dtype", "dtype"}
+    return {k: v for k, v in config.items() if k not in drop}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _existing(directory: Path) -> Path:
+    if directory.is_dir():
+        return directory
+    old = directory.with_name(directory.name + ".old")
+    if old.is_dir():  # a crash between the two renames of _replace_dir
+        return old
+    raise CheckpointError(f"checkpoint directory not found: {directory}")
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Fine-tuning methods as configurations of one code path.
+
+``masm`` and its special cases ``effort`` / ``effort-reg`` use :class:`~masm.method.MASMLinear`; ``lora``
+uses the ``peft`` library on the same target layers; ``full`` trains every backbone weight; ``linear``
+trains the head only. The trainer never branches on the method: it asks :func:`apply_method` to prepare the
+backbone and the method's :class:`MASMConfig` (or ``None``) for losses and masks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from ..config import from_dict, merge_dicts, to_dict
+from ..errors import ConfigError
+from ..method import MASMConfig, apply_masm, find_targets, merge_masm
+from ..method.config import MaskConfig
+
+
+@dataclass
+class LoraSettings:
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch"})
+
+
+@dataclass
+class MethodConfig:
+    """How the backbone is fine-tuned. ``masm.target_modules`` also selects LoRA's layers."""
+
+    name: str = field(default="masm", metadata={"help": "preset this config started from"})
+    adapter: Literal["masm", "lora", "full", "linear"] = field(
+        default="masm", metadata={"help": "which weights train: MASM subspaces, LoRA, all, or the head only"}
+    )
+    masm: MASMConfig = field(default_factory=MASMConfig, metadata={"help": "MASM / Effort settings"})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings"})
+
+    @property
+    def masm_config(self) -> MASMConfig | None:
+        """The MASM config for losses and masks, or None when the method has no MASM layers."""
+        return self.masm if self.adapter == "masm" else None
+
+
+_NO_MASK = to_dict(MaskConfig(enabled=False))
+
+# Presets: overlays on MethodConfig's defaults.
+METHODS: dict[str, dict[str, Any]] = {
+    "masm": {},
+    # Effort as its released code trains: one rank-1 residual subspace, cross-entropy only.
+    "effort": {
+        "masm": {
+            "num_subspaces": 1,
+            "subspace_rank": 1,
+            "lambda_orth": 0.0,
+            "lambda_spec": 0.0,
+            "semantic_guard": "off",
+            "mask": _NO_MASK,
+        },
+    },
+    # Effort as its paper describes it: with the orthogonality and singular-value (energy) terms.
+    "effort-reg": {
+        "masm": {
+            "num_subspaces": 1,
+            "subspace_rank": 1,
+            "lambda_orth": 1.0,
+            "lambda_spec": 1.0,
+            "semantic_guard": "penalty",
+            "spectral_mode": "energy",
+            "mask": _NO_MASK,
+        },
+    },
+    "lora": {"adapter": "lora"},
+    "full": {"adapter": "full"},
+    "linear": {"adapter": "linear"},
+}
+
+
+def method_config(name: str, overrides: dict[str, Any] | None = None) -> MethodConfig:
+    """The preset ``name`` with ``overrides`` (a nested dict, as from YAML) laid over it."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    data = merge_dicts(copy.deepcopy(METHODS[name]), overrides or {})
+    data["name"] = name
+    return from_dict(MethodConfig, data, "method")
+
+
+def apply_method(backbone: nn.Module, config: MethodConfig, cache_dir=None) -> nn.Module:
+    """Prepare ``backbone`` in place for ``config``: insert adapters and set ``requires_grad``."""
+    if config.adapter == "masm":
+        return apply_masm(backbone, config.masm, cache_dir=cache_dir)
+    if config.adapter == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = [name for name, _ in find_targets(backbone, config.masm.target_modules)]
+        lora = LoraConfig(
+            r=config.lora.rank,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=names,
+        )
+        backbone = inject_adapter_in_model(lora, backbone)
+        for name, param in backbone.named_parameters():
+            param.requires_grad_("lora_" in name)
+        return backbone
+    for param in backbone.parameters():
+        param.requires_grad_(config.adapter == "full")
+    return backbone
+
+
+def merge_method(backbone: nn.Module) -> nn.Module:
+    """Fold any adapter (MASM or LoRA) into plain Linear layers, in place."""
+    merge_masm(backbone)
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return backbone
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = backbone.get_submodule(parent_name) if parent_name else backbone
+            setattr(parent, child, module.get_base_layer())
+    return backbone

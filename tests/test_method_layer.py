@@ -1,0 +1,186 @@
+"""MASM adapter layer: decomposition, equivalence, parameter counts, regularisers (issue 2)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from masm import MASMConfig, apply_masm, merge_masm
+from masm.method import MASMLinear, count_masm_parameters, decomposition, masm_layers, regularizers
+from masm.models import METHODS, create_detector, load_backbone
+from masm.models.backbones import BACKBONES
+
+
+def _pixels(n=2, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_reproduces_the_pretrained_backbone_at_init(method):
+    reference = load_backbone("tiny-clip")
+    detector = create_detector("tiny-clip", method)
+    x = _pixels()
+    with torch.no_grad():
+        expected = reference(pixel_values=x).pooler_output
+        got = detector.features(x)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["masm", "effort", "effort-reg", "lora"])
+def test_merge_is_equivalent_after_training_like_perturbation(method):
+    detector = create_detector("tiny-clip", method)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in detector.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = _pixels()
+    with torch.no_grad():
+        before = detector(x)
+        merged = copy.deepcopy(detector).merge()
+        after = merged(x)
+    assert not any(isinstance(m, MASMLinear) for m in merged.modules())
+    assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith(("q_proj", "out_proj")))
+    assert (before - after).abs().max().item() <= 1e-5
+
+
+def test_only_artifact_parameters_train_and_their_count_follows_the_formula():
+    config = MASMConfig(num_subspaces=3, subspace_rank=2)
+    model = load_backbone("tiny-clip")
+    expected = count_masm_parameters(model, config)
+    apply_masm(model, config)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == expected
+    assert all(any(f".{kind}." in n for kind in ("U", "s", "V")) for n in trainable)
+    # 4 blocks × 4 projections of 64×64: K·m·(64 + 64 + 1) each
+    assert expected == 16 * 6 * 129
+
+
+def test_effort_on_vit_l14_has_effort_parameter_count_without_weights():
+    spec = BACKBONES["clip-vit-l14-random"]
+    with torch.device("meta"):
+        model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
+    config = MASMConfig(num_subspaces=1, subspace_rank=1)
+    assert count_masm_parameters(model, config) == 196_704
+    head = model.config.hidden_size * 2 + 2
+    assert head == 2_050
+
+
+def test_semantic_part_is_a_buffer_and_the_original_weight_is_not_kept():
+    model = apply_masm(load_backbone("tiny-clip"), MASMConfig(num_subspaces=2, subspace_rank=2))
+    layer = masm_layers(model)[0][1]
+    buffers = dict(layer.named_buffers())
+    assert "weight_sem" in buffers and not layer.weight_sem.requires_grad
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in buffers
+    assert len(list(layer.parameters())) == 2 * 3  # (U_k, s_k, V_k) for K=2
+
+
+def test_residual_slicing_contiguous_and_interleaved():
+    contiguous = decomposition.residual_groups(10, 2, 3, "contiguous")
+    interleaved = decomposition.residual_groups(10, 2, 3, "interleaved")
+    assert [g.tolist() for g in contiguous] == [[4, 5, 6], [7, 8, 9]]
+    assert [g.tolist() for g in interleaved] == [[4, 6, 8], [5, 7, 9]]
+    with pytest.raises(ValueError):
+        decomposition.residual_groups(8, 4, 2, "contiguous")
+
+
+def test_svd_cache_is_reused(tmp_path, monkeypatch):
+    weight = torch.randn(24, 16)
+    first = decomposition.decompose(weight, "float64", tmp_path)
+    decomposition._memory.clear()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("SVD recomputed although cached")
+
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    second = decomposition.decompose(weight, "float64", tmp_path)
+    assert torch.equal(first.S, second.S) and len(list((tmp_path / "svd").iterdir())) == 1
+
+
+def _layer(guard="off", spectral="artifact", seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(20, 12)
+    config = MASMConfig(num_subspaces=2, subspace_rank=2, semantic_guard=guard, spectral_mode=spectral)
+    return MASMLinear(base, decomposition.decompose(base.weight, "float64", False), config), base
+
+
+def test_layer_forward_matches_materialised_weight():
+    layer, base = _layer()
+    x = torch.randn(5, 20)
+    assert torch.allclose(layer(x), base(x), atol=1e-5)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert torch.allclose(layer(x), x @ layer.merged_weight().T + layer.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("guard", ["off", "penalty"])
+def test_orthogonality_loss_is_zero_at_init_and_its_gradient_repairs_a_violation(guard):
+    layer, _ = _layer(guard)
+    assert layer.orthogonality_loss().item() < 1e-10
+    with torch.no_grad():
+        layer.U[1].copy_(layer.U[0] + 0.3 * layer.U[1])  # overlap between subspaces
+        layer.V[0].mul_(1.5)  # non-unit columns
+    before = layer.orthogonality_loss()
+    before.backward()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.grad is not None:
+                p.sub_(0.01 * p.grad)
+    assert layer.orthogonality_loss().item() < before.item()
+
+
+def test_semantic_penalty_detects_drift_into_the_semantic_subspace():
+    layer, _ = _layer("penalty")
+    with torch.no_grad():
+        layer.U[0][:, 0].copy_(layer.U_sem[:, 0])
+    assert layer.orthogonality_loss().item() > 0.1
+
+
+@pytest.mark.parametrize("mode", ["artifact", "energy"])
+def test_spectral_loss_is_zero_at_init_and_matches_its_definition(mode):
+    layer, base = _layer(spectral=mode)
+    assert layer.spectral_loss(mode).item() < 1e-6  # fp32 round-off of a relative energy
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    got = layer.spectral_loss(mode)
+    if mode == "artifact":
+        sig = [torch.linalg.svdvals(layer.U[k] @ torch.diag(layer.s[k]) @ layer.V[k].T)[:2] for k in range(2)]
+        expected = (torch.stack(sig) - layer.sigma0).pow(2).sum() / layer.sigma0.pow(2).sum()
+    else:
+        w0 = base.weight.detach().pow(2).sum()
+        expected = (layer.merged_weight().pow(2).sum() - w0).abs() / w0
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    got.backward()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.grad is not None:
+                p.sub_(0.01 * p.grad)
+    assert layer.spectral_loss(mode).item() < got.item()
+
+
+def test_project_mode_keeps_gradients_orthogonal_to_the_semantic_subspace():
+    layer, _ = _layer("project")
+    x = torch.randn(7, 20)
+    layer(x).pow(2).sum().backward()
+    for k in range(2):
+        assert (layer.U_sem.T @ layer.U[k].grad).abs().max().item() <= 1e-6
+        assert (layer.V_sem.T @ layer.V[k].grad).abs().max().item() <= 1e-6
+        assert layer.U[k].grad.abs().max().item() > 0
+
+
+def test_regularizers_average_over_layers_and_skip_zero_weights():
+    model = apply_masm(load_backbone("tiny-clip"), MASMConfig(num_subspaces=2, subspace_rank=2))
+    terms = regularizers(model, MASMConfig(num_subspaces=2, subspace_rank=2))
+    assert set(terms) == {"orth", "spec"} and all(v.item() < 1e-8 for v in terms.values())
+    assert regularizers(model, MASMConfig(lambda_orth=0.0, lambda_spec=0.0)) == {}
+
+
+def test_merge_masm_restores_plain_linears():
+    model = apply_masm(load_backbone("tiny-clip"), MASMConfig(num_subspaces=2, subspace_rank=2))
+    merge_masm(model)
+    assert not masm_layers(model)

@@ -1,0 +1,148 @@
+"""Selective layer mask: learning state, selection rules, masking semantics, persistence (issue 2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from masm import MaskConfig, MASMConfig, SelectiveMaskController, apply_masm
+from masm.models import load_backbone
+
+
+def _model(K=2, m=2):
+    return apply_masm(load_backbone("tiny-clip"), MASMConfig(num_subspaces=K, subspace_rank=m))
+
+
+def _set_grads(controller, fn):
+    """Give every subspace parameter the gradient fn(layer_index, k, param_shape)."""
+    for i, (_, layer) in enumerate(controller.layers):
+        for k in range(controller.num_subspaces):
+            for p in layer.subspace_parameters(k):
+                p.grad = fn(i, k, p.shape)
+
+
+def test_learning_state_matches_the_formula_on_synthetic_gradients():
+    controller = SelectiveMaskController(_model(), MaskConfig(beta=0.9))
+    rng = np.random.default_rng(0)
+    # Layer i, subspace k: gradient = bias_ik + noise of std sigma_ik (known bias and variance).
+    bias = rng.uniform(0, 1, (16, 2))
+    sigma = rng.uniform(0.1, 2, (16, 2))
+    history = {}
+    for _ in range(30):
+        draws = {}
+
+        def grad(i, k, shape, draws=draws):
+            g = torch.full(shape, bias[i, k]) + sigma[i, k] * torch.randn(shape)
+            draws.setdefault((i, k), []).append(g.reshape(-1))
+            return g
+
+        _set_grads(controller, grad)
+        controller.observe()
+        for key, parts in draws.items():
+            history.setdefault(key, []).append(torch.cat(parts).double().numpy())
+    rho = controller.learning_state()
+    beta, t = 0.9, 30
+    for (i, k), gs in history.items():
+        mu = np.zeros_like(gs[0])
+        nu = np.zeros_like(gs[0])
+        for g in gs:
+            mu = beta * mu + (1 - beta) * g
+            nu = beta * nu + (1 - beta) * g * g
+        mu, nu = mu / (1 - beta**t), nu / (1 - beta**t)
+        b, var = (mu**2).sum(), np.clip(nu - mu**2, 0, None).sum()
+        assert rho[i, k].item() == pytest.approx(b / (b + var), rel=1e-4)
+    # Consistent gradients (high bias/noise ratio) give a higher state than noisy ones.
+    snr = bias / sigma
+    hi, lo = np.unravel_index(snr.argmax(), snr.shape), np.unravel_index(snr.argmin(), snr.shape)
+    assert rho[hi].item() > rho[lo].item()
+
+
+def test_constant_gradients_have_state_one_and_zero_mean_noise_has_state_near_zero():
+    controller = SelectiveMaskController(_model(), MaskConfig(beta=0.5))
+    for _ in range(5):
+        _set_grads(controller, lambda i, k, s: torch.ones(s))
+        controller.observe()
+    assert torch.allclose(controller.learning_state(), torch.ones(16, 2), atol=1e-6)
+    controller = SelectiveMaskController(_model(), MaskConfig(beta=0.99))
+    sign = 1.0
+    for _ in range(200):
+        _set_grads(controller, lambda i, k, s, sign=sign: torch.full(s, sign))
+        controller.observe()
+        sign = -sign
+    assert controller.learning_state().max().item() < 0.02
+
+
+def test_layer_selection_and_subspace_balance_follow_the_rules_exactly():
+    controller = SelectiveMaskController(_model(K=4, m=1), MaskConfig(top_fraction=0.75, delta=0.5))
+    rho = torch.full((16, 4), 0.1)
+    rho[:4] = 0.0  # the 4 weakest layers: outside the top 75% (12 of 16 are kept)
+    rho[4] = torch.tensor([0.9, 0.1, 0.1, 0.1])  # share 0.75 > 1.5/4 = 0.375: subspace 0 paused
+    rho[5] = torch.tensor([0.3, 0.2, 0.2, 0.2])  # largest share 0.333 <= 0.375: nothing paused
+    mask = controller.compute_mask(rho)
+    assert not mask[:4].any()
+    assert mask[4].tolist() == [False, True, True, True]
+    assert mask[5].all() and mask[6:].all()
+    only_balance = SelectiveMaskController(_model(K=4, m=1), MaskConfig(layer_selection=False, delta=0.5))
+    assert only_balance.compute_mask(rho)[:4].all()  # ρ = 0: no share, nothing paused
+    only_select = SelectiveMaskController(_model(K=4, m=1), MaskConfig(subspace_balance=False))
+    assert only_select.compute_mask(rho)[4].all()
+
+
+def test_at_least_one_subspace_stays_active_in_a_selected_layer():
+    controller = SelectiveMaskController(_model(K=2, m=1), MaskConfig(layer_selection=False, delta=-0.9))
+    mask = controller.compute_mask(torch.tensor([[0.6, 0.4]] * 16))
+    assert mask.sum(1).tolist() == [1] * 16 and mask[:, 1].all()
+
+
+def test_mask_is_recomputed_after_warmup_at_each_interval(tmp_path):
+    log = tmp_path / "masks.jsonl"
+    controller = SelectiveMaskController(_model(), MaskConfig(warmup=3, interval=2), log_path=log)
+    for _ in range(8):
+        _set_grads(controller, lambda i, k, s: torch.randn(s) + (i % 3))
+        controller.step()
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [3, 5, 7]
+    record = json.loads(log.read_text().splitlines()[0])
+    assert len(record["layers"]) == len(record["rho"]) == len(record["mask"]) == 16
+
+
+def test_masked_subspace_keeps_values_and_adam_state_while_unmasked_one_moves():
+    model = _model(K=2, m=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    controller = SelectiveMaskController(model, MaskConfig(warmup=0, interval=1000))
+    x = torch.randn(2, 3, 32, 32)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(pixel_values=x).pooler_output.pow(2).sum().backward()
+        controller.step()
+        optimizer.step()
+
+    step()  # step 0 computes the first mask; give Adam state to every parameter
+    controller.mask[:] = True
+    controller.mask[0, 0] = False
+    layer = controller.layers[0][1]
+    frozen, moving = layer.subspace_parameters(0), layer.subspace_parameters(1)
+    snapshot = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()}) for p in frozen]
+    moving_before = [p.detach().clone() for p in moving]
+    step()
+    for p, (value, state) in zip(frozen, snapshot):
+        assert torch.equal(p, value)
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in state.items())
+    assert any(not torch.equal(p, b) for p, b in zip(moving, moving_before))
+
+
+def test_controller_state_round_trips():
+    model = _model()
+    a = SelectiveMaskController(model, MaskConfig(warmup=1, interval=1))
+    for _ in range(4):
+        _set_grads(a, lambda i, k, s: torch.randn(s))
+        a.step()
+    b = SelectiveMaskController(model, MaskConfig(warmup=1, interval=1))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.learning_state(), b.learning_state())
+    assert b.num_steps == a.num_steps == 4
