@@ -184,3 +184,20 @@ def test_merge_masm_restores_plain_linears():
     model = apply_masm(load_backbone("tiny-clip"), MASMConfig(num_subspaces=2, subspace_rank=2))
     merge_masm(model)
     assert not masm_layers(model)
+
+
+@pytest.mark.parametrize("guard", ["off", "penalty"])
+@pytest.mark.parametrize("spectral", ["artifact", "energy"])
+def test_batched_regularizers_equal_the_mean_of_per_layer_terms(guard, spectral):
+    config = MASMConfig(num_subspaces=2, subspace_rank=3, semantic_guard=guard, spectral_mode=spectral)
+    model = apply_masm(load_backbone("tiny-clip"), config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    layers = [layer for _, layer in masm_layers(model)]
+    terms = regularizers(model, config)
+    orth = torch.stack([layer.orthogonality_loss() for layer in layers]).mean()
+    spec = torch.stack([layer.spectral_loss(spectral) for layer in layers]).mean()
+    assert torch.allclose(terms["orth"], orth, rtol=1e-5) and torch.allclose(terms["spec"], spec, rtol=1e-4)

@@ -41,15 +41,12 @@ class SelectiveMaskController:
         if not self.layers:
             raise ValueError("the model has no MASM layers to mask")
         self.num_subspaces = self.layers[0][1].num_subspaces
-        device = self.layers[0][1].weight_sem.device
         L, K = len(self.layers), self.num_subspaces
-        # Per (layer, subspace): EMAs of the flattened gradient and its square.
-        self._mu = [
-            [torch.zeros(self._numel(layer, k), device=device) for k in range(K)] for _, layer in self.layers
-        ]
-        self._nu = [
-            [torch.zeros(self._numel(layer, k), device=device) for k in range(K)] for _, layer in self.layers
-        ]
+        # EMAs of the gradient and its square, one tensor per parameter, in (layer, subspace, U/s/V) order,
+        # so a step updates all of them with a handful of fused multi-tensor ops.
+        self._params = [p for _, layer in self.layers for k in range(K) for p in layer.subspace_parameters(k)]
+        self._mu = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        self._nu = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         self.num_observed = 0  # steps whose gradients were observed (for bias correction)
         self.num_steps = 0  # calls to step()
         self.rho = torch.zeros(L, K)
@@ -60,25 +57,27 @@ class SelectiveMaskController:
     def layer_names(self) -> list[str]:
         return [name for name, _ in self.layers]
 
-    @staticmethod
-    def _numel(layer, k: int) -> int:
-        return sum(p.numel() for p in layer.subspace_parameters(k))
-
     # -- the three phases of a step ------------------------------------------------------------------------
     @torch.no_grad()
     def observe(self) -> None:
         """Update the gradient EMAs from the current ``.grad`` of every subspace (missing grad = 0)."""
         beta = self.config.beta
         self.num_observed += 1
-        for i, (_, layer) in enumerate(self.layers):
-            for k in range(self.num_subspaces):
-                grads = [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                    for p in layer.subspace_parameters(k)
-                ]
-                g = torch.cat(grads)
-                self._mu[i][k].mul_(beta).add_(g, alpha=1 - beta)
-                self._nu[i][k].mul_(beta).addcmul_(g, g, value=1 - beta)
+        grads = [
+            p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            for p in self._params
+        ]
+        torch._foreach_mul_(self._mu, beta)
+        torch._foreach_add_(self._mu, grads, alpha=1 - beta)
+        torch._foreach_mul_(self._nu, beta)
+        torch._foreach_addcmul_(self._nu, grads, grads, value=1 - beta)
+
+    def _subspace_moments(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flattened (μ, ν) of subspace k of layer i (its U, s and V concatenated)."""
+        start = (i * self.num_subspaces + k) * 3
+        mu = torch.cat([t.reshape(-1) for t in self._mu[start : start + 3]])
+        nu = torch.cat([t.reshape(-1) for t in self._nu[start : start + 3]])
+        return mu, nu
 
     @torch.no_grad()
     def learning_state(self) -> torch.Tensor:
@@ -89,8 +88,8 @@ class SelectiveMaskController:
         rho = torch.zeros(len(self.layers), self.num_subspaces, dtype=torch.float64)
         for i in range(len(self.layers)):
             for k in range(self.num_subspaces):
-                mu = self._mu[i][k] / correction
-                nu = self._nu[i][k] / correction
+                mu, nu = self._subspace_moments(i, k)
+                mu, nu = mu / correction, nu / correction
                 bias = mu.double().pow(2).sum()
                 var = (nu.double() - mu.double().pow(2)).clamp_min(0).sum()
                 rho[i, k] = bias / (bias + var + self.config.eps)
@@ -156,8 +155,9 @@ class SelectiveMaskController:
         }
         for i in range(len(self.layers)):
             for k in range(self.num_subspaces):
-                state[f"mu.{i}.{k}"] = self._mu[i][k].detach().cpu().clone()
-                state[f"nu.{i}.{k}"] = self._nu[i][k].detach().cpu().clone()
+                mu, nu = self._subspace_moments(i, k)
+                state[f"mu.{i}.{k}"] = mu.cpu()
+                state[f"nu.{i}.{k}"] = nu.cpu()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -170,8 +170,13 @@ class SelectiveMaskController:
         self.mask = state["mask"].bool().clone()
         for i in range(L):
             for k in range(K):
-                self._mu[i][k].copy_(state[f"mu.{i}.{k}"])
-                self._nu[i][k].copy_(state[f"nu.{i}.{k}"])
+                start = (i * K + k) * 3
+                for moments, key in ((self._mu, "mu"), (self._nu, "nu")):
+                    flat = state[f"{key}.{i}.{k}"]
+                    offset = 0
+                    for t in moments[start : start + 3]:
+                        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                        offset += t.numel()
 
     def _log(self) -> None:
         if self.log_path is None or not _is_main_process():

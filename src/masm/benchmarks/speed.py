@@ -1,0 +1,300 @@
+"""``masm bench speed``: training-step time, inference time and peak memory of MASM vs the baselines.
+
+Every method is measured in its own fresh process (so peak memory is its own), on the same random batch,
+as the median of ``--steps`` timed steps after ``--warmup`` untimed ones. A training step is what the
+trainer does: forward, the method's full loss (MASM's regularisers included), backward, the selective
+mask, Adam. Compared:
+
+* ``masm``: K=4, m=4 subspaces on the attention projections, low-rank forward;
+* ``effort-reference``: Effort's reference formula, ``W_main + U diag(S) Vᵀ`` rebuilt every forward
+  (:mod:`masm.benchmarks.effort_reference`);
+* ``effort``: the same Effort model (K=1, m=1) on MASM's low-rank code path;
+* ``lora`` (peft, rank 16, same targets) and ``full`` fine-tuning.
+
+Inference compares the merged MASM detector with the plain backbone (+ head), interleaving the two.
+Memory: on CUDA, peak allocated bytes above those allocated after the model was built; on CPU, the peak
+resident set size above the post-build one, sampled every millisecond (CPU allocations are not tracked
+more exactly than that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+TRAIN_METHODS = ["masm", "effort-reference", "effort", "lora", "full"]
+
+
+@dataclass
+class SpeedSettings:
+    backbone: str = "clip-vit-b16-random"
+    batch_size: int = 8
+    steps: int = 5
+    warmup: int = 2
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--backbone", default="clip-vit-b16-random", help="backbone (default: ViT-B/16 shapes)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--methods", default=",".join(TRAIN_METHODS), help="comma-separated training methods")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+
+
+def run(args) -> int:
+    from ..errors import MasmError
+
+    settings = SpeedSettings(
+        args.backbone, args.batch_size, args.steps, args.warmup, args.device, args.threads
+    )
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(TRAIN_METHODS))
+    if unknown:
+        raise MasmError(
+            f"unknown method {unknown[0]!r} for the speed benchmark; choose from {', '.join(TRAIN_METHODS)}"
+        )
+    results = run_speed_benchmark(settings, methods)
+    print(format_results(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METHODS) -> dict:
+    train = {method: _in_fresh_process(_train_worker, method, settings) for method in methods}
+    infer = _in_fresh_process(_infer_worker, "masm", settings)
+    ratios = {}
+    if "masm" in train:
+        masm = train["masm"]
+        for other in ("effort-reference", "full", "lora", "effort"):
+            if other in train:
+                key = "masm_vs_effort_step" if other == "effort-reference" else f"masm_vs_{other}_step"
+                ratios[key] = masm["step_s"] / train[other]["step_s"]
+        if "full" in train:
+            ratios["masm_vs_full_peak_mem"] = masm["peak_mem_mb"] / train["full"]["peak_mem_mb"]
+    ratios["merged_vs_plain_infer"] = infer["merged_s"] / infer["plain_s"]
+    targets = {
+        "masm_vs_effort_step": 0.9,
+        "masm_vs_full_step": 0.75,
+        "merged_vs_plain_infer": 1.02,
+        "masm_vs_full_peak_mem": 1.0,
+    }
+    met = {k: ratios[k] <= v for k, v in targets.items() if k in ratios}
+    return {
+        "settings": asdict(settings),
+        "machine": _machine(),
+        "train": train,
+        "infer": infer,
+        "ratios": ratios,
+        "targets": targets,
+        "targets_met": met,
+    }
+
+
+def format_results(results: dict) -> str:
+    from ..evaluation.report import format_table
+
+    s = results["settings"]
+    rows = [
+        [name, r["step_s"] * 1000, r["peak_mem_mb"], r["trainable"]] for name, r in results["train"].items()
+    ]
+    out = [
+        f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']} "
+        f"(median of {s['steps']} after {s['warmup']} warm-up)",
+        format_table(rows, ["method", "step ms", "peak extra MB", "trainable params"]),
+        "",
+        "Inference (batch forward, no grad)",
+        format_table(
+            [
+                ["plain backbone", results["infer"]["plain_s"] * 1000],
+                ["merged masm", results["infer"]["merged_s"] * 1000],
+            ],
+            ["model", "ms"],
+        ),
+        "",
+        format_table(
+            [
+                [k, v, results["targets"].get(k), results["targets_met"].get(k)]
+                for k, v in results["ratios"].items()
+            ],
+            ["ratio", "value", "target (<=)", "met"],
+        ),
+    ]
+    return "\n".join(out)
+
+
+# -- workers (run in fresh processes) ---------------------------------------------------------------------
+def _in_fresh_process(fn, method: str, settings: SpeedSettings) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, method, settings).result()
+
+
+def _setup(settings: SpeedSettings):
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(0)
+    return torch.device(settings.device)
+
+
+def _build(method: str, settings: SpeedSettings):
+    from ..models import create_detector
+    from .effort_reference import apply_effort_reference
+
+    if method == "effort-reference":
+        detector = create_detector(settings.backbone, "linear")
+        apply_effort_reference(detector.backbone)
+        return detector, None
+    detector = create_detector(settings.backbone, method)
+    return detector, detector.config.method.masm_config
+
+
+def _train_worker(method: str, settings: SpeedSettings) -> dict:
+    import torch
+
+    from ..method import SelectiveMaskController, total_loss
+
+    device = _setup(settings)
+    detector, masm_config = _build(method, settings)
+    detector.to(device).train()
+    size = detector.preprocessing.input_size
+    x = torch.randn(settings.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, 2, (settings.batch_size,), device=device)
+    params = detector.trainable_parameters()
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    controller = None
+    if masm_config is not None and masm_config.mask.enabled:
+        controller = SelectiveMaskController(detector, masm_config.mask)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = total_loss(detector(x), y, detector, masm_config)
+        loss.backward()
+        if controller is not None:
+            controller.step()
+        optimizer.step()
+        _sync(device)
+
+    with _PeakMemory(device) as memory:
+        for _ in range(settings.warmup):
+            step()
+        times = []
+        for _ in range(settings.steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return {
+        "step_s": statistics.median(times),
+        "step_times_s": times,
+        "peak_mem_mb": memory.peak_mb,
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def _infer_worker(method: str, settings: SpeedSettings) -> dict:
+    import torch
+
+    device = _setup(settings)
+    plain, _ = _build("linear", settings)
+    merged, _ = _build(method, settings)
+    merged.merge()
+    plain.to(device).eval()
+    merged.to(device).eval()
+    size = plain.preprocessing.input_size
+    x = torch.randn(settings.batch_size, 3, size, size, device=device)
+    times = {"plain": [], "merged": []}
+    with torch.inference_mode():
+        for i in range(settings.warmup + settings.steps):
+            for name, model in (
+                (("plain", plain), ("merged", merged))
+                if i % 2 == 0
+                else (("merged", merged), ("plain", plain))
+            ):
+                start = time.perf_counter()
+                model(x)
+                _sync(device)
+                if i >= settings.warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {
+        "plain_s": statistics.median(times["plain"]),
+        "merged_s": statistics.median(times["merged"]),
+        "plain_times_s": times["plain"],
+        "merged_times_s": times["merged"],
+    }
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak memory above the level at entry (CUDA allocator stats, or sampled RSS on CPU)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            import psutil
+
+            self._process = psutil.Process(os.getpid())
+            self._base = self._process.memory_info().rss
+            self._peak = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = self._peak
+        self.peak_mb = (peak - self._base) / 2**20
+        return False
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
