@@ -113,10 +113,16 @@ def load_backbone(name: str) -> CLIPVisionModel:
             model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
         return model.eval()
     source = spec.hub_id or _local_path(spec)
-    try:
-        model = CLIPVisionModel.from_pretrained(source, torch_dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise MasmError(_missing_weights_message(spec, source, err)) from None
+    try:  # the local cache first: no network round trips (and their retries) when the weights are here
+        model = CLIPVisionModel.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as local_err:
+        if spec.hub_id is None or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise MasmError(_missing_weights_message(spec, source, local_err)) from None
+        logger.info("%s is not in the local Hugging Face cache; trying to download it", source)
+        try:
+            model = CLIPVisionModel.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise MasmError(_missing_weights_message(spec, source, err)) from None
     return model.eval()
 
 

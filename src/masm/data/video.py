@@ -1,0 +1,96 @@
+"""Video decoding with PyAV: frame counts and evenly spaced RGB frames.
+
+Every failure (missing, empty, corrupt file, no video stream, no decodable frame) is a :class:`DataError`
+naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from masm.errors import DataError
+
+from .sampling import sample_indices
+
+log = logging.getLogger(__name__)
+
+
+def _open(path: Path):
+    import av
+
+    if not path.is_file():
+        raise DataError(f"{path}: video file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not a video")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot open video ({err})") from None
+    if not container.streams.video:
+        container.close()
+        raise DataError(f"{path}: no video stream")
+    return container
+
+
+def count_frames(path: str | Path) -> int:
+    """Number of frames in the first video stream: from the header, else by counting packets (no decode)."""
+    import av
+
+    path = Path(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        if stream.frames and stream.frames > 0:
+            return int(stream.frames)
+        count = 0
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    count += 1
+        except av.FFmpegError as err:
+            log.warning("%s: stopped counting packets at %d (%s)", path, count, err)
+        return count
+    finally:
+        container.close()
+
+
+def read_frames(path: str | Path, num_frames: int, mode: str = "linspace") -> list[tuple[int, np.ndarray]]:
+    """``num_frames`` frames of ``path`` as ``(frame_index, RGB uint8 (H, W, 3))`` pairs, in order.
+
+    ``mode="linspace"`` spreads them evenly over the video, ``"first"`` takes the first ones;
+    ``num_frames <= 0`` reads every frame. The video is decoded sequentially (exact, no seek drift).
+    A video that breaks off early returns the frames decoded before the break, with a warning; one with no
+    decodable frame is a :class:`DataError`.
+    """
+    import av
+
+    path = Path(path)
+    total = count_frames(path)
+    if total == 0:
+        raise DataError(f"{path}: video has no frames")
+    wanted = set(sample_indices(total, num_frames, mode))
+    last = max(wanted)
+    out: list[tuple[int, np.ndarray]] = []
+    container = _open(path)
+    error = None
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                out.append((index, frame.to_ndarray(format="rgb24")))
+            if index >= last:
+                break
+    except (av.FFmpegError, ValueError) as err:
+        error = err
+    finally:
+        container.close()
+    if not out:
+        reason = f" ({error})" if error else ""
+        raise DataError(f"{path}: no decodable video frame{reason}")
+    if error is not None or len(out) < len(wanted):
+        log.warning("%s: decoded %d of %d wanted frames (%s)", path, len(out), len(wanted), error or "short")
+    return out
