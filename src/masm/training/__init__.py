@@ -1,1 +1,27 @@
-"""training"""
+"""Training: typed run configs, the (DDP-capable, resumable) training loop and its checkpoint state.
+
+``masm.training.train(config, out_dir, resume=False)`` is what ``masm train`` runs; demos and benchmarks
+call it in-process.
+"""
+
+from .config import (
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    config_to_dict,
+    load_train_config,
+    train_config_from_dict,
+)
+from .trainer import TrainResult, lr_at, train
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainResult",
+    "config_to_dict",
+    "load_train_config",
+    "lr_at",
+    "train",
+    "train_config_from_dict",
+]

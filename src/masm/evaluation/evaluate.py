@@ -1,0 +1,304 @@
+"""Score a detector on test sets and write the reports: the library behind ``masm eval``.
+
+- :func:`score_records` runs a detector over frames (failed frames are counted, never replaced);
+- :func:`evaluate_detector` scores data specs (clean and, optionally, under robustness perturbations) and
+  writes ``report.json``/``.md``, ``roc.png``, ``predictions.csv`` and the robustness report;
+- :func:`evaluate_checkpoint` does the same for a checkpoint directory, with the merged model (inference
+  at the plain backbone's speed) and the checkpoint's resolved config in the report's meta.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import MasmError
+from .metrics import evaluate_scores, mean_over_datasets
+from .report import PARITY_NOTICE, write_eval_report, write_robustness_report
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on CUDA under ``auto``/``bf16``; fp32 (no autocast) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def score_records(
+    detector: torch.nn.Module,
+    records: Sequence[Any],
+    transform,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    progress: bool = False,
+    desc: str = "scoring",
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """P(fake) of every record (NaN for frames that failed to load) and the ``(path, reason)`` of failures."""
+    from torch.utils.data import DataLoader
+
+    from ..data.dataset import FrameDataset, collate_frames
+
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    scores = np.full(len(records), np.nan, dtype=np.float64)
+    failed: list[tuple[str, str]] = []
+    if not records:
+        return scores, failed
+    loader = DataLoader(
+        FrameDataset(records, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_frames,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # leave the global RNG alone (training resumes exactly)
+    )
+    was_training = detector.training
+    detector.eval()
+    bar = _progress_bar(len(loader), desc, progress)
+    try:
+        for batch in loader:
+            failed += [(str(path), _reason(err)) for path, err in batch["failed"]]
+            if batch["pixel_values"] is not None:
+                pixels = batch["pixel_values"].to(device, non_blocking=True)
+                with autocast_for(device, precision):
+                    logits = detector(pixels)
+                probs = logits.float().softmax(-1)[:, 1].cpu().double().numpy()
+                scores[batch["index"].numpy()] = probs
+            bar.update(1)
+    finally:
+        bar.close()
+        detector.train(was_training)
+    return scores, failed
+
+
+def _reason(error: str) -> str:
+    """A short reason for the skip summary (the first clause of the loader's message)."""
+    text = str(error)
+    return text.split(":")[-1].strip()[:80] or "unreadable frame"
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def metrics_for(
+    records: Sequence[Any], scores: np.ndarray, failed: list[tuple[str, str]]
+) -> tuple[dict, list]:
+    """``evaluate_scores`` on the frames that were scored, and their ``(path, video, label, score)`` rows."""
+    ok = ~np.isnan(scores)
+    kept = [r for r, good in zip(records, ok) if good]
+    rows = [(r.path, r.video, int(r.label), float(s)) for r, s in zip(kept, scores[ok])]
+    result = evaluate_scores(
+        [r.path for r in kept], [r.video for r in kept], [r.label for r in kept], scores[ok], skipped=failed
+    )
+    return result, rows
+
+
+def open_test_sets(
+    specs: Sequence[Any],
+    *,
+    data_root: str | Path | None = None,
+    frames: int = 32,
+    compression: str = "c23",
+    label_dict: Mapping[str, int] | None = None,
+    parity: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Data specs (strings) or ready :class:`FrameIndex` objects -> ``{unique name: FrameIndex}``."""
+    from ..data.spec import FrameIndex, open_dataset
+
+    if not specs:
+        raise MasmError("no test data given (use --data SPEC)")
+    indexes: dict[str, FrameIndex] = {}
+    for spec in specs:
+        if isinstance(spec, FrameIndex):
+            index = spec
+        else:
+            index = open_dataset(
+                str(spec),
+                data_root=data_root,
+                frames_per_video=frames,
+                compression=compression,
+                label_dict=label_dict,
+                parity=parity,
+                seed=seed,
+            )
+        name, n = index.name, 2
+        while name in indexes:
+            name, n = f"{index.name}#{n}", n + 1
+        indexes[name] = index
+    return indexes
+
+
+def evaluate_detector(
+    detector: torch.nn.Module,
+    specs: Sequence[Any],
+    *,
+    out_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    frames: int = 32,
+    compression: str = "c23",
+    label_dict: Mapping[str, int] | None = None,
+    parity: bool = False,
+    perturbations: Sequence[tuple[str, int]] = (),
+    batch_size: int = 64,
+    num_workers: int = 0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``detector`` on every test set in ``specs`` (clean, then under each perturbation).
+
+    Returns ``{"datasets": {name: evaluate_scores result}, "mean": ..., "robustness": {perturbation:
+    {level: {name: frame AUC}}} (level 0 = clean; only with perturbations), "report": report.json path or
+    None}``. With ``out_dir`` the eval report (clean) and, with perturbations, the robustness report are
+    written there. ``parity`` = DeepfakeBench parity (first-N frames, parent-folder video keys).
+    """
+    from ..data.transforms import build_transform
+
+    device = resolve_device(device)
+    detector.to(device)
+    indexes = open_test_sets(
+        specs,
+        data_root=data_root,
+        frames=frames,
+        compression=compression,
+        label_dict=label_dict,
+        parity=parity,
+        seed=seed,
+    )
+    preprocessing = detector.preprocessing
+    datasets: dict[str, dict] = {}
+    predictions: dict[str, list] = {}
+    robustness: dict[str, dict[int, dict[str, float | None]]] = {}
+    for condition in [None, *perturbations]:
+        transform = build_transform(preprocessing, train=False, perturbation=condition, seed=seed)
+        tag = "clean" if condition is None else f"{condition[0]}:{condition[1]}"
+        for name, index in indexes.items():
+            scores, failed = score_records(
+                detector,
+                index.records,
+                transform,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=device,
+                precision=precision,
+                progress=progress,
+                desc=f"{name} [{tag}]",
+            )
+            result, rows = metrics_for(index.records, scores, failed)
+            if condition is None:
+                result["data"] = index.summary()
+                datasets[name], predictions[name] = result, rows
+            else:
+                per_level = robustness.setdefault(condition[0], {})
+                per_level.setdefault(condition[1], {})[name] = result["frame"]["auc"]
+    for per_level in robustness.values():
+        per_level[0] = {name: datasets[name]["frame"]["auc"] for name in datasets}
+    full_meta = {
+        "seed": seed,
+        "frames_per_video": frames,
+        "frame_sampling": "first-N (parity)" if parity else "linspace",
+        "parity": parity,
+        **({"parity_notice": PARITY_NOTICE} if parity else {}),
+        "perturbations": [f"{n}:{lv}" for n, lv in perturbations],
+        **dict(meta or {}),
+    }
+    report_path = None
+    if out_dir is not None:
+        report_path = write_eval_report(out_dir, datasets, predictions, full_meta)
+        if robustness:
+            write_robustness_report(out_dir, robustness)
+    return {
+        "datasets": datasets,
+        "mean": mean_over_datasets(datasets),
+        "robustness": robustness,
+        "meta": full_meta,
+        "report": report_path,
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    specs: Sequence[Any],
+    *,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate_detector` for checkpoint directory ``checkpoint``, loaded merged (fast inference).
+
+    The report's meta holds the checkpoint path, its resolved model config and, for a checkpoint written
+    by ``masm train``, the run's training config and step.
+    """
+    from ..models.checkpoint import load_checkpoint, read_checkpoint_config
+
+    config = read_checkpoint_config(checkpoint)
+    detector = load_checkpoint(checkpoint, device=resolve_device(device), merge=True)
+    info = config.get("info") or {}
+    meta = {
+        "checkpoint": str(checkpoint),
+        "backbone": config["model"].get("backbone"),
+        "method": (config["model"].get("method") or {}).get("name"),
+        "trained_step": info.get("global_step"),
+        "config": {"model": config["model"], "train": info.get("train_config")},
+        **dict(kwargs.pop("meta", None) or {}),
+    }
+    return evaluate_detector(detector, specs, out_dir=out_dir, device=device, meta=meta, **kwargs)
+
+
+def undefined_metric_notes(result: Mapping[str, Any]) -> list[str]:
+    """Messages for test sets whose frame AUC is undefined (one class only)."""
+    notes = []
+    for name, entry in result["datasets"].items():
+        if entry["frame"]["auc"] is None:
+            notes.append(f"{name}: {entry['frame'].get('note', 'AUC undefined')}")
+    return notes
+
+
+def summary_table(result: Mapping[str, Any]) -> str:
+    """A Markdown table of frame and video AUC per test set and their mean (for the terminal)."""
+    from .report import format_table
+
+    rows = [
+        [name, r["frame"]["auc"], r["video"]["auc"], r["frame"]["n_real"], r["frame"]["n_fake"]]
+        for name, r in result["datasets"].items()
+    ]
+    mean = result["mean"]
+    rows.append(["mean", mean["frame"]["auc"], mean["video"]["auc"], None, None])
+    return format_table(rows, ["Dataset", "frame AUC", "video AUC", "real frames", "fake frames"])
