@@ -9,6 +9,7 @@ BENCHMARKS = {
     "speed": ("speed", "training-step and inference speed and peak memory: MASM vs Effort, LoRA, full"),
     "quality": ("quality", "leave-family-out generalisation of every method on synthetic forgeries"),
     "preprocess": ("preprocess_speed", "face preprocessing throughput on a 720p clip"),
+    "detect": ("detect_speed", "detect throughput (files -> scores) vs a plain backbone forward"),
 }
 
 

@@ -2,7 +2,8 @@
 
 ``fake/<family>/**`` names a forgery family. A folder that directly holds images is the frames of one
 video (key: its path under ROOT); an image lying next to sub-folders is a video of its own. Anything else
-at the top (no ``real``/``fake``, stray folders or files) is an error naming it; non-image files inside
+at the top (no ``real``/``fake``, stray folders or files other than metadata such as ``.json`` / ``.md``) is
+an error naming it; non-image files inside
 are skipped and counted.
 """
 
@@ -18,12 +19,16 @@ from .labels import FAKE, REAL
 from .spec import FrameIndex, SkipLog, VideoEntry, build_index
 
 
+_METADATA = {".json", ".md", ".txt", ".yaml", ".yml"}
+
+
 def read_folder(root: Path, *, frames_per_video: int, parity: bool = False, source: str = "") -> FrameIndex:
     """Read folder dataset ``root`` into a :class:`FrameIndex` (see module doc)."""
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    stray = [p.name for p in entries if p.name not in ("real", "fake")]
+    # Documentation and metadata beside the two class folders (README, masm synth's synth.json) are fine.
+    stray = [p.name for p in entries if p.name not in ("real", "fake") and p.suffix.lower() not in _METADATA]
     if stray or not any(p.is_dir() for p in entries):
         raise DataError(
             f"{root}: expected only 'real/' and 'fake/' folders (fake/<family>/ for families); "
