@@ -99,3 +99,11 @@ def test_read_frames_video_without_frames(tmp_path):
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
     with pytest.raises(DataError, match="noframes.mp4"):
         read_frames(path, 4)
+
+
+def test_a_text_file_named_like_an_image_is_not_a_video(tmp_path):
+    from masm.data.images import is_image_file, is_video_file
+
+    path = tmp_path / "note.jpg"
+    path.write_text("not an image, and not a video either\n")
+    assert not is_video_file(path) and not is_image_file(path)

@@ -121,6 +121,11 @@ def is_video_file(path: str | Path) -> bool:
 
     try:
         with av.open(str(path)) as container:
+            # FFmpeg's still-image demuxers (image2, *_pipe) accept almost any file named like an image,
+            # text included; what they open is not a video.
+            fmt = container.format.name
+            if fmt == "image2" or fmt.endswith("_pipe"):
+                return False
             return len(container.streams.video) > 0
     except (av.FFmpegError, OSError, ValueError):
         return False
