@@ -10,7 +10,7 @@ Library entry points (PEFT-style)::
     detector = create_detector("clip-vit-l14", "masm")
 """
 
-from .method import MASMConfig, MaskConfig, SelectiveMaskController, apply_masm, merge_masm
+from .method import MaskConfig, MASMConfig, SelectiveMaskController, apply_masm, merge_masm
 from .models import create_detector, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"

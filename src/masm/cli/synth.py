@@ -21,6 +21,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--size", type=int, default=64, help="crop side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="artifact magnitude multiplier (1: subtle; the demo uses 3)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -39,6 +45,7 @@ def run(args) -> int:
         real_dir=args.real_dir,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        strength=args.strength,
     )
     counts = summary["counts"]
     print(f"wrote {counts['real']} real and {sum(counts['fake'].values())} fake crops to {args.out}")

@@ -18,7 +18,6 @@ from .images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .labels import FAKE, REAL
 from .spec import FrameIndex, SkipLog, VideoEntry, build_index
 
-
 _METADATA = {".json", ".md", ".txt", ".yaml", ".yml"}
 
 

@@ -71,6 +71,7 @@ class SampleContext:
     rng: np.random.Generator
     photos: Sequence[np.ndarray]
     size: int
+    strength: float = 1.0  # scales each family's artifact magnitude (1 = the subtle defaults)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -176,12 +177,15 @@ def blend(image: Image32, region: np.ndarray, ctx: SampleContext) -> Image32:
     """Self-blending: the same crop, colour-shifted, slightly blurred or sharpened and shifted by a pixel or
     two, blended back under the soft region (as in self-blended images, SBI)."""
     rng = ctx.rng
-    source = image * rng.uniform(0.94, 1.06, size=3) + rng.uniform(-0.025, 0.025, size=3)
+    st = ctx.strength
+    source = (
+        image * rng.uniform(1 - 0.06 * st, 1 + 0.06 * st, size=3) + rng.uniform(-0.025, 0.025, size=3) * st
+    )
     sigma = rng.uniform(0.6, 1.1)
     blurred = cv2.GaussianBlur(source, (0, 0), sigma)
     source = blurred if rng.random() < 0.5 else source + rng.uniform(0.5, 1.0) * (source - blurred)
     scale = rng.uniform(0.97, 1.03)
-    shift = rng.uniform(-1.5, 1.5, size=2)
+    shift = rng.uniform(-1.5, 1.5, size=2) * st
     centre = ctx.size / 2
     matrix = np.float32(
         [[scale, 0, centre * (1 - scale) + shift[0]], [0, scale, centre * (1 - scale) + shift[1]]]
@@ -212,7 +216,8 @@ def resample(image: Image32, region: np.ndarray, ctx: SampleContext) -> Image32:
     """A region down- and re-up-sampled: the high frequencies are gone and interpolation leaves its
     periodic correlations."""
     rng = ctx.rng
-    small = max(4, int(round(ctx.size / rng.uniform(1.5, 2.5))))
+    factor = 1 + (rng.uniform(1.5, 2.5) - 1) * ctx.strength
+    small = max(4, int(round(ctx.size / factor)))
     down = cv2.resize(
         image, (small, small), interpolation=[cv2.INTER_AREA, cv2.INTER_LINEAR][rng.integers(2)]
     )
@@ -228,7 +233,7 @@ def noise(image: Image32, region: np.ndarray, ctx: SampleContext) -> Image32:
     if rng.random() < 0.4:
         source = cv2.medianBlur(image, 3)
     else:
-        sigma = rng.uniform(4.0, 8.0) / 255
+        sigma = rng.uniform(4.0, 8.0) / 255 * ctx.strength
         luma = rng.normal(0, sigma, size=image.shape[:2] + (1,))
         chroma = rng.normal(0, sigma * rng.uniform(0.2, 0.6), size=image.shape)
         source = image + (luma + chroma).astype(np.float32)
@@ -240,7 +245,7 @@ def double_jpeg(image: Image32, region: np.ndarray, ctx: SampleContext) -> Image
     rng = ctx.rng
     dy, dx = rng.integers(1, 8, size=2)
     padded = np.pad(image, ((dy, 8), (dx, 8), (0, 0)), mode="reflect")
-    compressed = jpeg(padded, int(rng.integers(40, 76)))
+    compressed = jpeg(padded, max(5, int(rng.integers(40, 76) / ctx.strength)))
     return paste(image, compressed[dy : dy + ctx.size, dx : dx + ctx.size], region)
 
 
@@ -255,7 +260,7 @@ def fingerprint(image: Image32, region: np.ndarray, ctx: SampleContext) -> Image
     tile /= np.abs(tile).max() + 1e-6
     reps = -(-ctx.size // period)
     pattern = np.tile(tile, (reps, reps, 1))[: ctx.size, : ctx.size]
-    amplitude = rng.uniform(2.5, 5.0) / 255
+    amplitude = rng.uniform(2.5, 5.0) / 255 * ctx.strength
     return image + region * pattern * amplitude * (0.5 + image)
 
 
@@ -299,10 +304,14 @@ def make_real(photos: Sequence[np.ndarray], rng: np.random.Generator, size: int)
     return post_process(random_crop(photos, rng, size), rng)
 
 
-def make_fake(family: str, photos: Sequence[np.ndarray], rng: np.random.Generator, size: int) -> np.ndarray:
+def make_fake(
+    family: str, photos: Sequence[np.ndarray], rng: np.random.Generator, size: int, strength: float = 1.0
+) -> np.ndarray:
     image = random_crop(photos, rng, size)
     region = random_region(rng, size)
-    forged = FAMILIES[family](image, region, SampleContext(rng=rng, photos=photos, size=size))
+    forged = FAMILIES[family](
+        image, region, SampleContext(rng=rng, photos=photos, size=size, strength=strength)
+    )
     return post_process(np.clip(forged, 0.0, 1.0).astype(np.float32), rng)
 
 
@@ -355,6 +364,7 @@ def synthesize(
     real_dir: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    strength: float = 1.0,
 ) -> dict:
     """Write a synthetic ``folder:`` dataset to ``out_dir`` and return its summary (also in ``synth.json``).
 
@@ -362,7 +372,12 @@ def synthesize(
     ``num_real``: real crops (default ``per_family * len(families)``, so the classes are balanced).
     ``size``: crop side in pixels. ``real_dir``: a folder of your own photos instead of scikit-image's.
     ``overwrite``: allow a non-empty ``out_dir`` (its ``real/``, ``fake/`` and ``synth.json`` are replaced).
+    ``strength``: multiplies every family's artifact magnitude (noise level, colour shift, pattern
+    amplitude, resampling factor, 1/JPEG quality; splicing has none). 1 gives subtle artifacts; small
+    backbones trained for minutes (the demo) need about 3.
     """
+    if not 0 < strength <= 10:
+        raise ConfigError(f"strength must be in (0, 10], got {strength}")
     chosen = check_families(families)
     if per_family < 0 or (num_real is not None and num_real < 0):
         raise ConfigError("per_family and num_real must be >= 0")
@@ -393,7 +408,8 @@ def synthesize(
         if name == "real":
             save_png(make_real(photos, rng, size), out_dir / "real" / f"{index:06d}.png")
         else:
-            save_png(make_fake(name, photos, rng, size), out_dir / "fake" / name / f"{index:06d}.png")
+            fake = make_fake(name, photos, rng, size, strength)
+            save_png(fake, out_dir / "fake" / name / f"{index:06d}.png")
         bar.update(1)
     bar.close()
 
@@ -401,6 +417,7 @@ def synthesize(
         "format": "folder",
         "size": size,
         "seed": seed,
+        "strength": strength,
         "families": chosen,
         "counts": {"real": num_real, "fake": {family: per_family for family in chosen}},
         "source": source,

@@ -23,7 +23,8 @@ class MASMLinear(nn.Module):
 
     Buffers: ``weight_sem`` (frozen semantic weight), ``bias`` (frozen), ``sigma0`` (initial singular
     values of each subspace, for the spectral loss), ``energy0`` / ``energy_sem`` (squared Frobenius
-    norms for Effort's energy loss) and, when the semantic guard is on, ``U_sem`` / ``V_sem``.
+    norms for Effort's energy loss) and, when the semantic guard is on, ``U_basis`` / ``V_basis`` (the
+    semantic basis of a side, or its complement where that side is square and the complement smaller).
     Parameters: ``U[k]`` (d_out×m), ``s[k]`` (m), ``V[k]`` (d_in×m) for k = 0..K-1.
     """
 
@@ -56,8 +57,15 @@ class MASMLinear(nn.Module):
         self.register_buffer("energy0", weight.pow(2).sum().float().to(device))
         self.register_buffer("energy_sem", (weight - weight_res).pow(2).sum().float().to(device))
         if config.semantic_guard != "off":
-            self.register_buffer("U_sem", U[:, :rank_sem].to(device, torch.float32).contiguous())
-            self.register_buffer("V_sem", Vh[:rank_sem].T.to(device, torch.float32).contiguous())
+            # Keeping artifacts out of span(U_sem) needs the semantic basis, d × r: as large as the weight.
+            # Where a side is square (d == n) its complement is exactly the residual span, d × K·m, so
+            # that is stored instead: projecting onto it costs K·m/r as much memory traffic.
+            self.u_complement = self.out_features == n
+            self.v_complement = self.in_features == n
+            U_basis = U[:, residual] if self.u_complement else U[:, :rank_sem]
+            V_basis = Vh[residual].T if self.v_complement else Vh[:rank_sem].T
+            self.register_buffer("U_basis", U_basis.to(device, torch.float32).contiguous())
+            self.register_buffer("V_basis", V_basis.to(device, torch.float32).contiguous())
         if config.semantic_guard == "project":
             for k in range(self.num_subspaces):
                 self.U[k].register_hook(self._project_out_of_semantic_U)
@@ -107,8 +115,12 @@ class MASMLinear(nn.Module):
         eye = torch.eye(U.shape[1], device=U.device, dtype=U.dtype)
         loss = (U.T @ U - eye).pow(2).sum() + (V.T @ V - eye).pow(2).sum()
         if self.semantic_guard == "penalty":
-            loss = loss + (self.U_sem.T @ U).pow(2).sum() + (self.V_sem.T @ V).pow(2).sum()
+            loss = loss + self.semantic_overlap(U, V)
         return loss / U.shape[1]
+
+    def semantic_overlap(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """``‖U_semᵀ U‖² + ‖V_semᵀ V‖²`` (via ``‖Q‖² − ‖Bᵀ Q‖²`` where the stored basis B is the complement)."""
+        return _overlap(U, self.U_basis, self.u_complement) + _overlap(V, self.V_basis, self.v_complement)
 
     def spectral_loss(self, mode: str = "artifact") -> torch.Tensor:
         """Spectral consistency.
@@ -138,13 +150,27 @@ class MASMLinear(nn.Module):
 
     # -- semantic guard by gradient projection -----------------------------------------------------------
     def _project_out_of_semantic_U(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad - self.U_sem @ (self.U_sem.T @ grad)
+        return _project(grad, self.U_basis, self.u_complement)
 
     def _project_out_of_semantic_V(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad - self.V_sem @ (self.V_sem.T @ grad)
+        return _project(grad, self.V_basis, self.v_complement)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"K={self.num_subspaces}, m={self.subspace_rank}, semantic_guard={self.semantic_guard}"
         )
+
+
+def _project(grad: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
+    """``(I − U_sem U_semᵀ) grad``, from the semantic basis or from its complement."""
+    if is_complement:
+        return basis @ (basis.T @ grad)
+    return grad - basis @ (basis.T @ grad)
+
+
+def _overlap(Q: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
+    """``‖U_semᵀ Q‖²_F``, from the semantic basis or from its complement."""
+    if is_complement:
+        return (Q.pow(2).sum() - (basis.T @ Q).pow(2).sum()).clamp_min(0)
+    return (basis.T @ Q).pow(2).sum()

@@ -47,12 +47,7 @@ def _orthogonality(layers: list) -> torch.Tensor:
     eye = torch.eye(U.shape[-1], device=U.device, dtype=U.dtype)
     loss = (U.mT @ U - eye).pow(2).sum((1, 2)) + (V.mT @ V - eye).pow(2).sum((1, 2))
     if layers[0].semantic_guard == "penalty":  # semantic bases differ per layer: no stacking of big buffers
-        loss = loss + torch.stack(
-            [
-                (lyr.U_sem.T @ u).pow(2).sum() + (lyr.V_sem.T @ v).pow(2).sum()
-                for lyr, u, v in zip(layers, U, V)
-            ]
-        )
+        loss = loss + torch.stack([lyr.semantic_overlap(u, v) for lyr, u, v in zip(layers, U, V)])
     return loss / U.shape[-1]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.utils import logging as hf_logging
 
 from ..errors import MasmError
 from .preprocessing import Preprocessing
@@ -81,7 +82,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             "demo-clip",
-            "small CLIP vision tower pretrained on real photo crops by `masm demo` (see masm.demo.pretrain)",
+            "small CLIP vision tower pretrained on real photo crops (shipped; recipe in masm.demo.pretrain)",
             local_dir="demo-clip",
         ),
     ]
@@ -113,6 +114,7 @@ def load_backbone(name: str) -> CLIPVisionModel:
             model = CLIPVisionModel(CLIPVisionConfig(**spec.config))
         return model.eval()
     source = spec.hub_id or _local_path(spec)
+    hf_logging.disable_progress_bar()  # no per-load "Loading weights" bars in our own progress output
     try:  # the local cache first: no network round trips (and their retries) when the weights are here
         model = CLIPVisionModel.from_pretrained(source, dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError) as local_err:
@@ -155,14 +157,21 @@ def demo_backbone_dir() -> Path:
     return Path(root) / "demo-clip"
 
 
+def packaged_demo_backbone_dir() -> Path:
+    """The demo backbone shipped inside the package (made by ``python -m masm.demo.pretrain``)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "demo-clip"
+
+
 def _local_path(spec: BackboneSpec) -> str:
     if spec.local_dir == "demo-clip":
-        path = demo_backbone_dir()
-        if not (path / "config.json").is_file():
-            raise MasmError(
-                f"the demo backbone is not built yet ({path}); run `masm demo` or `masm demo --quick` first"
-            )
-        return str(path)
+        # A backbone the user rebuilt with the recipe command wins over the shipped one.
+        for path in (demo_backbone_dir(), packaged_demo_backbone_dir()):
+            if (path / "config.json").is_file():
+                return str(path)
+        raise MasmError(
+            f"no demo backbone found (neither {demo_backbone_dir()} nor the packaged one); build it with "
+            "`python -m masm.demo.pretrain`"
+        )
     return str(spec.local_dir)
 
 
