@@ -10,7 +10,9 @@ from masm.models import BACKBONES, METHODS, create_detector, load_backbone, meth
 from masm.models.backbones import resolve_backbone
 
 
-@pytest.mark.parametrize("name", [n for n, s in BACKBONES.items() if s.hub_id is None and s.local_dir is None])
+@pytest.mark.parametrize(
+    "name", [n for n, s in BACKBONES.items() if s.hub_id is None and s.local_dir is None]
+)
 def test_every_random_init_backbone_builds_and_is_reproducible(name):
     if "l14" in name:
         pytest.skip("ViT-L/14 shapes: too large to build in the unit tests (its count is tested on meta)")
@@ -42,7 +44,9 @@ def test_method_presets_and_overrides():
     effort = method_config("effort")
     assert (effort.masm.num_subspaces, effort.masm.subspace_rank, effort.masm.mask.enabled) == (1, 1, False)
     custom = method_config("masm", {"masm": {"num_subspaces": 2, "mask": {"interval": 10}}})
-    assert custom.masm.num_subspaces == 2 and custom.masm.mask.interval == 10 and custom.masm.subspace_rank == 4
+    assert (
+        custom.masm.num_subspaces == 2 and custom.masm.mask.interval == 10 and custom.masm.subspace_rank == 4
+    )
     with pytest.raises(ConfigError, match="method.masm.num_subspace"):
         method_config("masm", {"masm": {"num_subspace": 2}})
     with pytest.raises(ConfigError, match="unknown method 'efort'"):

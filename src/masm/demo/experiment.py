@@ -115,6 +115,10 @@ def train_config(method: str, settings: RunSettings, seed: int, overrides: dict[
         "eval_unit": "step",
         "checkpoint_every": 0,
     }
+    # The mask's defaults (warm-up 100, interval 50) assume long runs; short budgets get proportionally
+    # shorter ones, so that every run of a comparison actually masks.
+    mask = {"warmup": min(100, settings.steps // 4), "interval": max(1, min(50, settings.steps // 8))}
+    data["model"]["method"]["masm"] = {"mask": mask}
     data = merge_dicts(data, copy.deepcopy(settings.overrides))
     data = merge_dicts(data, copy.deepcopy(overrides or {}))
     return train_config_from_dict(data)

@@ -31,8 +31,8 @@ class DemoSettings:
     seed: int = 0
 
 
-FULL = DemoSettings()
-QUICK = DemoSettings(per_family=80, steps=120)
+FULL = DemoSettings(per_family=300, steps=600)
+QUICK = DemoSettings(per_family=100, steps=200)
 
 
 def ensure_demo_backbone(progress: bool = True) -> Path:
@@ -49,21 +49,27 @@ def ensure_demo_backbone(progress: bool = True) -> Path:
 
 
 def ensure_synthetic_data(
-    out_dir: Path, *, per_family: int, size: int, seed: int = 0, progress: bool = True
+    out_dir: Path, *, per_family: int, size: int, strength: float, seed: int = 0, progress: bool = True
 ) -> Path:
     """A ``masm synth`` dataset at ``out_dir``, reused when one with the same parameters is there."""
     from ..data.synth import synthesize
 
     marker = out_dir / "synth.json"
     if marker.is_file():
-        params = json.loads(marker.read_text()).get("parameters", {})
-        if (
-            params.get("per_family") == per_family
-            and params.get("size") == size
-            and params.get("seed") == seed
-        ):
+        made = json.loads(marker.read_text())
+        wanted = {"size": size, "seed": seed, "strength": strength}
+        same = all(made.get(key) == value for key, value in wanted.items())
+        if same and set(made["counts"]["fake"].values()) == {per_family}:
             return out_dir
-    synthesize(out_dir, per_family=per_family, size=size, seed=seed, progress=progress, overwrite=True)
+    synthesize(
+        out_dir,
+        per_family=per_family,
+        size=size,
+        seed=seed,
+        strength=strength,
+        progress=progress,
+        overwrite=True,
+    )
     return out_dir
 
 
@@ -79,6 +85,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) ->
         out_dir / "data",
         per_family=settings.per_family,
         size=settings.size,
+        strength=settings.strength,
         seed=settings.seed,
         progress=progress,
     )

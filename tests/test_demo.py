@@ -1,0 +1,48 @@
+"""``masm demo`` (a lighter variant of --quick) and ``masm bench quality`` end to end (issue 6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from masm.cli.main import main
+from masm.models import load_checkpoint
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_its_outputs_load(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(
+        ["demo", "--quick", "--steps", "12", "--per-family", "12", "--out", str(out), "--no-progress"]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    for method in ("masm", "effort"):
+        auc = report["methods"][method]["heldout_auc"]
+        assert 0.0 <= auc <= 1.0
+    assert report["heldout_families"] and not set(report["heldout_families"]) & set(report["train_families"])
+    assert (out / "report.md").read_text().startswith("# masm demo")
+    assert (out / "roc.png").stat().st_size > 0 and (out / "masks.png").stat().st_size > 0
+    detector = load_checkpoint(out / "model")
+    assert detector.config.method.name == "masm" and detector.config.backbone == "demo-clip"
+    image = next((out / "data" / "real").glob("*.png"))
+    assert (
+        main(["detect", str(out / "model"), str(image), "--no-face", "--out", str(tmp_path / "d.jsonl")]) == 0
+    )
+    assert json.loads((tmp_path / "d.jsonl").read_text())["error"] is None
+
+
+@pytest.mark.slow
+def test_quality_benchmark_writes_its_table(tmp_path):
+    out = tmp_path / "q"
+    argv = ["bench", "quality", "--out", str(out), "--seeds", "2", "--steps", "4", "--per-family", "6"]
+    assert main([*argv, "--methods", "masm,linear", "--no-ablations"]) == 0
+    result = json.loads((out / "quality.json").read_text())
+    assert set(result["summary"]) == {"masm", "linear"} and result["summary"]["masm"]["n"] == 2
+    assert "held-out AUC" in (out / "quality.md").read_text()
+
+
+def test_demo_rejects_an_unknown_baseline(capsys):
+    assert main(["demo", "--baseline", "nope"]) == 2
+    assert "--baseline must be one of" in capsys.readouterr().err
