@@ -10,18 +10,32 @@ Library entry points (PEFT-style)::
     detector = create_detector("clip-vit-l14", "masm")
 """
 
-from .method import MaskConfig, MASMConfig, SelectiveMaskController, apply_masm, merge_masm
-from .models import create_detector, load_checkpoint, save_checkpoint
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MASMConfig",
-    "MaskConfig",
-    "SelectiveMaskController",
-    "apply_masm",
-    "create_detector",
-    "load_checkpoint",
-    "merge_masm",
-    "save_checkpoint",
-]
+# Resolved on first use, so that `import masm` (and the command line's --help) does not import torch.
+_EXPORTS = {
+    "MASMConfig": "masm.method",
+    "MaskConfig": "masm.method",
+    "SelectiveMaskController": "masm.method",
+    "apply_masm": "masm.method",
+    "merge_masm": "masm.method",
+    "create_detector": "masm.models",
+    "load_checkpoint": "masm.models",
+    "save_checkpoint": "masm.models",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'masm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
