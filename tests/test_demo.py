@@ -26,6 +26,7 @@ def test_quick_demo_runs_end_to_end_and_its_outputs_load(tmp_path, capsys):
     assert (out / "roc.png").stat().st_size > 0 and (out / "masks.png").stat().st_size > 0
     detector = load_checkpoint(out / "model")
     assert detector.config.method.name == "masm" and detector.config.backbone == "demo-clip"
+    assert detector.preprocessing.face_crop is None and detector.preprocessing.input_size == 64
     image = next((out / "data" / "real").glob("*.png"))
     assert (
         main(["detect", str(out / "model"), str(image), "--no-face", "--out", str(tmp_path / "d.jsonl")]) == 0

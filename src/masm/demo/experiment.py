@@ -97,7 +97,13 @@ def train_config(method: str, settings: RunSettings, seed: int, overrides: dict[
 
     lr = settings.full_lr if method == "full" else settings.lr
     data = {
-        "model": {"backbone": settings.backbone, "method": {"name": method}, "preprocessing": None},
+        # Synthetic crops are whole images, not aligned faces: the checkpoint must say so, or
+        # `masm detect` would cut faces out of what it is given.
+        "model": {
+            "backbone": settings.backbone,
+            "method": {"name": method},
+            "preprocessing": {"input_size": _input_size(settings.backbone), "face_crop": None},
+        },
         "data": {
             "train": "",
             "val": "none",
@@ -175,6 +181,12 @@ def run_method(
         "checkpoint": str(result.best_checkpoint),
         "evaluation": evaluation,
     }
+
+
+def _input_size(backbone: str) -> int:
+    from ..models.backbones import load_backbone
+
+    return int(load_backbone(backbone).config.image_size)
 
 
 def detector_trainable(config) -> int:
