@@ -58,6 +58,7 @@ def run(args) -> int:
     from ..demo.experiment import RunSettings, run_method, split_synthetic
     from ..demo.run import ensure_demo_backbone, ensure_synthetic_data
     from ..errors import MasmError
+    from .speed import machine_info
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -97,7 +98,7 @@ def run(args) -> int:
         "backbone": args.backbone,
         "splits": splits.describe(),
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": _machine(),
+        "machine": machine_info(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(
@@ -154,12 +155,3 @@ def _argv(args) -> list[str]:
         f"--strength {args.strength}",
         f"--backbone {args.backbone}",
     ] + (["--no-ablations"] if args.no_ablations else [])
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}

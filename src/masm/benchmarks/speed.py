@@ -102,7 +102,7 @@ def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METH
     met = {k: ratios[k] <= v for k, v in targets.items() if k in ratios}
     return {
         "settings": asdict(settings),
-        "machine": _machine(),
+        "machine": machine_info(),
         "train": train,
         "infer": infer,
         "ratios": ratios,
@@ -301,7 +301,8 @@ class _PeakMemory:
         return False
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
+    """Where a benchmark ran: core count, platform, torch version and GPU if any."""
     import platform
 
     import torch
