@@ -3,7 +3,7 @@
 Detection: dlib's built-in HOG detector on a frame downscaled to ``detect_width`` (boxes mapped back),
 first without upsampling, then with one upsampling step if nothing was found (finds faces down to ~40 px
 at the detection width); OpenCV's Haar cascade as a last resort where this OpenCV build still ships it
-(OpenCV 5 wheels dropped ``CascadeClassifier``, so the fallback is then skipped).
+(OpenCV 5 wheels dropped ``CascadeClassifier``, hence the <5 pin; without it the fallback is skipped).
 
 Landmarks: dlib's 68-point model from ``face-recognition-models``, run on the full-resolution frame. It
 gives exactly the ArcFace points: eye centres (mean of the 6 eye-contour points), nose tip (point 30) and
