@@ -79,8 +79,12 @@ class MASMLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, s, V = self.artifact_factors()
         out = F.linear(x, self.weight_sem, self.bias)
-        low_rank = (x.to(V.dtype) @ V) * s
-        return out + (low_rank @ U.T).to(out.dtype)
+        if out.dtype != U.dtype:  # autocast: keep the low-rank path in the factors' precision
+            return out + ((x.to(V.dtype) @ (V * s)) @ U.T).to(out.dtype)
+        # s scales the small d_in×Km factor, not the (tokens × Km) activation; addmm adds the low-rank
+        # term in the matmul's epilogue instead of another pass over the output.
+        low_rank = x.reshape(-1, self.in_features) @ (V * s)
+        return torch.addmm(out.reshape(-1, self.out_features), low_rank, U.T).view(out.shape)
 
     def merged_weight(self) -> torch.Tensor:
         U, s, V = self.artifact_factors()
