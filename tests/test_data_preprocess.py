@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import astronaut_frames, write_video
-from masm.cli import preprocess as preprocess_cli
+from masm.cli.main import main
 from masm.data.faces import ARCFACE_TEMPLATE_112, FaceAligner, align_template
 from masm.data.preprocess import Settings, run_preprocess
 from masm.data.spec import open_dataset
@@ -21,19 +21,6 @@ pytest.importorskip("dlib")
 @pytest.fixture(scope="module")
 def astronaut_video(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("video") / "astronaut.mp4", astronaut_frames())
-
-
-def main(argv: list[str]) -> int:
-    """``masm preprocess`` through its own parser (the other subcommands are built elsewhere)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="masm")
-    preprocess_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except MasmError:
-        return 2
 
 
 def test_align_template_scaling():

@@ -65,10 +65,8 @@ def test_merged_export_loads_as_plain_backbone(tmp_path):
 
 
 def test_export_cli(tmp_path):
-    from masm.cli import export as export_cli
+    from masm.cli.main import main
 
     checkpoint = save_checkpoint(trained_tiny(), tmp_path / "ckpt")
-    parser = __import__("argparse").ArgumentParser()
-    export_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["export", str(checkpoint), "--format", "merged", "--out", str(tmp_path / "m")])
-    assert args.func(args) == 0 and (tmp_path / "m" / "model.safetensors").is_file()
+    argv = ["export", str(checkpoint), "--format", "merged", "--out", str(tmp_path / "m")]
+    assert main(argv) == 0 and (tmp_path / "m" / "model.safetensors").is_file()

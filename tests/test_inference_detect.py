@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_fixtures import write_video
 from masm.inference import RESULT_KEYS, Scorer, ScorerOptions
 from masm.models import FaceCropConfig, Preprocessing, create_detector, save_checkpoint
 
@@ -45,22 +46,6 @@ def astronaut() -> np.ndarray:
     import skimage.data
 
     return skimage.data.astronaut()
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
-    import av
-
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": "ultrafast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 def write_empty_video(path: Path) -> Path:
@@ -139,37 +124,10 @@ def build_inputs(root: Path, astronaut: np.ndarray) -> tuple[dict[str, Path], di
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """``python -m masm ARGS``; subcommands of other modules that cannot be registered yet are dropped."""
+    """``python -m masm ARGS`` in a subprocess, as a user runs it."""
     argv = [sys.executable, "-m", "masm", *args]
-    if not _all_commands_register():
-        argv = [sys.executable, "-c", _FILTERED_MAIN, *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
     return subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-
-
-# The real dispatcher (same error handling and exit codes) with only the subcommands that register.
-_FILTERED_MAIN = """
-import argparse, importlib, sys
-import masm.cli.main as m
-def registers(name):
-    try:
-        importlib.import_module("masm.cli." + name).register(argparse.ArgumentParser().add_subparsers())
-        return True
-    except Exception:
-        return False
-m.COMMANDS = [c for c in m.COMMANDS if registers(c)]
-sys.exit(m.main())
-"""
-
-
-def _all_commands_register() -> bool:
-    try:
-        from masm.cli.main import build_parser
-
-        build_parser()
-        return True
-    except Exception:  # a sibling subcommand still being written
-        return False
 
 
 # -- tests ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..method.apply import _set_submodule, find_targets
+from ..method.apply import find_targets, replace_module
 from ..method.config import ATTENTION_TARGETS
 from ..method.decomposition import decompose
 
@@ -43,5 +43,5 @@ def apply_effort_reference(model: nn.Module, target_modules: str = ATTENTION_TAR
     for param in model.parameters():
         param.requires_grad_(False)
     for name, linear in targets:
-        _set_submodule(model, name, EffortReferenceLinear(linear, residual_rank))
+        replace_module(model, name, EffortReferenceLinear(linear, residual_rank))
     return model

@@ -14,7 +14,9 @@ families only; model selection happens here, never on held-out data), 25 % test.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,20 +179,23 @@ def run_method(
         "val_auc": result.best_metric,
         "best_step": result.best_step,
         "train_seconds": round(train_seconds, 2),
-        "trainable_params": detector_trainable(config),
+        "trainable_params": trainable_count(result.best_checkpoint),
         "checkpoint": str(result.best_checkpoint),
         "evaluation": evaluation,
     }
 
 
+@functools.lru_cache(maxsize=8)
 def _input_size(backbone: str) -> int:
+    """The backbone's native input size (looked up once per backbone, not once per run)."""
     from ..models.backbones import load_backbone
 
     return int(load_backbone(backbone).config.image_size)
 
 
-def detector_trainable(config) -> int:
-    """Trainable parameter count of the method in ``config`` (built once, cheaply, on its backbone)."""
-    from ..models import create_detector
+def trainable_count(checkpoint: str | Path) -> int:
+    """Trainable parameters of a run, read from its adapter checkpoint (which holds exactly those + head)."""
+    from safetensors import safe_open
 
-    return create_detector(config.model.backbone, config.model.method).num_trainable()
+    with safe_open(str(Path(checkpoint) / "model.safetensors"), framework="pt") as fh:
+        return sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())

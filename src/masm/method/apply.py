@@ -44,7 +44,7 @@ def apply_masm(model: nn.Module, config: MASMConfig | None = None, cache_dir: Pa
         param.requires_grad_(False)
     for name, linear in targets:
         svd = decompose(linear.weight, config.svd_dtype, cache_dir)
-        _set_submodule(model, name, MASMLinear(linear, svd, config))
+        replace_module(model, name, MASMLinear(linear, svd, config))
     logger.debug(
         "MASM: adapted %d Linear layers (K=%d, m=%d)",
         len(targets),
@@ -58,7 +58,7 @@ def merge_masm(model: nn.Module) -> nn.Module:
     """Fold every :class:`MASMLinear` of ``model`` back into a plain ``nn.Linear`` (in place)."""
     for name, layer in list(model.named_modules()):
         if isinstance(layer, MASMLinear):
-            _set_submodule(model, name, layer.merge())
+            replace_module(model, name, layer.merge())
     return model
 
 
@@ -75,7 +75,9 @@ def count_masm_parameters(model: nn.Module, config: MASMConfig) -> int:
     return config.artifact_rank * per_rank
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (what ``nn.Module.set_submodule`` does in
+    newer torch releases than the oldest this package supports)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import from_dict, merge_dicts, to_dict
 from ..errors import ConfigError
 from ..method import MASMConfig, apply_masm, find_targets, merge_masm
+from ..method.apply import replace_module
 from ..method.config import MaskConfig
 
 
@@ -120,7 +121,5 @@ def merge_method(backbone: nn.Module) -> nn.Module:
     for name, module in list(backbone.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = backbone.get_submodule(parent_name) if parent_name else backbone
-            setattr(parent, child, module.get_base_layer())
+            replace_module(backbone, name, module.get_base_layer())
     return backbone
