@@ -42,6 +42,30 @@ def test_quality_benchmark_writes_its_table(tmp_path):
     result = json.loads((out / "quality.json").read_text())
     assert set(result["summary"]) == {"masm", "linear"} and result["summary"]["masm"]["n"] == 2
     assert "held-out AUC" in (out / "quality.md").read_text()
+    # The head-only baseline leaves the pretrained attention weights exactly as they were; MASM moves them.
+    assert result["summary"]["linear"]["attn_weight_change"] == 0.0
+    assert result["summary"]["masm"]["attn_weight_change"] > 0.0
+    assert "attention ΔW/W" in (out / "quality.md").read_text()
+
+
+def test_attention_weight_change_is_the_relative_frobenius_distance():
+    import math
+
+    import torch
+
+    from masm.demo.experiment import attention_weight_change
+    from masm.method.apply import find_targets
+    from masm.method.config import ATTENTION_TARGETS
+    from masm.models.backbones import load_backbone
+
+    model = load_backbone("tiny-clip")
+    assert attention_weight_change(model, "tiny-clip") == 0.0
+    targets = find_targets(model, ATTENTION_TARGETS)
+    energy = sum(linear.weight.pow(2).sum().item() for _, linear in targets)
+    with torch.no_grad():
+        targets[0][1].weight.add_(0.5)
+    expected = math.sqrt(0.25 * targets[0][1].weight.numel() / energy)
+    assert attention_weight_change(model, "tiny-clip") == pytest.approx(expected, rel=1e-5)
 
 
 def test_demo_rejects_an_unknown_baseline(capsys):

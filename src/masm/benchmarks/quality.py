@@ -2,7 +2,8 @@
 
 Same backbone (the demo's locally pretrained CLIP vision tower by default), same synthetic data, same
 step budget for every method; several seeds; the table reports mean ± std of the held-out frame AUC (the
-forgery families never seen in training) and the in-distribution AUC. See :mod:`masm.demo.experiment`.
+forgery families never seen in training) and the in-distribution AUC, and how far each method moved the
+pretrained attention weights (``‖W − W⁰‖ / ‖W⁰‖``, mean over seeds). See :mod:`masm.demo.experiment`.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     for label in dict.fromkeys(r["label"] for r in runs):
         group = [r for r in runs if r["label"] == label]
         entry = {"n": len(group), "trainable_params": group[0]["trainable_params"]}
-        for key in ("heldout_auc", "indist_auc", "train_seconds"):
-            values = [r[key] for r in group if r[key] is not None]
+        for key in ("heldout_auc", "indist_auc", "train_seconds", "attn_weight_change"):
+            values = [r[key] for r in group if r.get(key) is not None]
             entry[key] = statistics.mean(values) if values else None
             entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out[label] = entry
@@ -135,6 +136,7 @@ def format_summary(summary: dict[str, dict]) -> str:
             label,
             pm(e, "heldout_auc"),
             pm(e, "indist_auc"),
+            "n/a" if e["attn_weight_change"] is None else f"{e['attn_weight_change']:.4f}",
             e["trainable_params"],
             f"{e['train_seconds']:.0f}",
             e["n"],
@@ -142,7 +144,16 @@ def format_summary(summary: dict[str, dict]) -> str:
         for label, e in summary.items()
     ]
     return format_table(
-        rows, ["method", "held-out AUC", "in-distribution AUC", "trainable params", "train s", "seeds"]
+        rows,
+        [
+            "method",
+            "held-out AUC",
+            "in-distribution AUC",
+            "attention ΔW/W",
+            "trainable params",
+            "train s",
+            "seeds",
+        ],
     )
 
 

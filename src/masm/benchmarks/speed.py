@@ -9,7 +9,11 @@ mask, Adam. Compared:
 * ``effort-reference``: Effort's reference formula, ``W_main + U diag(S) Vᵀ`` rebuilt every forward
   (:mod:`masm.benchmarks.effort_reference`);
 * ``effort``: the same Effort model (K=1, m=1) on MASM's low-rank code path;
-* ``lora`` (peft, rank 16, same targets) and ``full`` fine-tuning.
+* ``lora`` (peft, rank 16, same targets) and ``full`` fine-tuning;
+* ``frozen-floor``: every weight frozen, only the targeted Linears' biases train. Backward then carries the
+  input gradient through every adapted layer, as any method that trains those layers must, and computes no
+  weight gradient and no adapter work. It is the least step time an adapter on these layers can have, so
+  ``floor_vs_effort_step`` bounds from below what ``masm_vs_effort_step`` can reach on the machine.
 
 Inference compares the merged MASM detector with the plain backbone (+ head), interleaving the two.
 Memory: on CUDA, peak allocated bytes above those allocated after the model was built. On CPU there is no
@@ -29,7 +33,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-TRAIN_METHODS = ["masm", "effort-reference", "effort", "lora", "full"]
+TRAIN_METHODS = ["masm", "effort-reference", "effort", "lora", "full", "frozen-floor"]
 
 
 @dataclass
@@ -90,8 +94,13 @@ def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METH
                     "effort": "masm_vs_effort_lowrank_step",
                 }.get(other, f"masm_vs_{other}_step")
                 ratios[key] = masm["step_s"] / train[other]["step_s"]
+        if "frozen-floor" in train:
+            ratios["masm_vs_floor_step"] = masm["step_s"] / train["frozen-floor"]["step_s"]
         if "full" in train:
             ratios["masm_vs_full_peak_mem"] = masm["peak_mem_mb"] / train["full"]["peak_mem_mb"]
+    if "frozen-floor" in train and "effort-reference" in train:
+        # The best masm_vs_effort_step any adapter of these layers could reach here.
+        ratios["floor_vs_effort_step"] = train["frozen-floor"]["step_s"] / train["effort-reference"]["step_s"]
     ratios["merged_vs_plain_infer"] = infer["merged_s"] / infer["plain_s"]
     targets = {
         "masm_vs_effort_step": 0.9,
@@ -159,12 +168,19 @@ def _setup(settings: SpeedSettings):
 
 
 def _build(method: str, settings: SpeedSettings):
+    from ..method.apply import find_targets
+    from ..method.config import ATTENTION_TARGETS
     from ..models import create_detector
     from .effort_reference import apply_effort_reference
 
     if method == "effort-reference":
         detector = create_detector(settings.backbone, "linear")
         apply_effort_reference(detector.backbone)
+        return detector, None
+    if method == "frozen-floor":
+        detector = create_detector(settings.backbone, "linear")
+        for _, linear in find_targets(detector.backbone, ATTENTION_TARGETS):
+            linear.bias.requires_grad_(True)
         return detector, None
     detector = create_detector(settings.backbone, method)
     return detector, detector.config.method.masm_config

@@ -168,6 +168,7 @@ def run_method(
         num_workers=0,
         meta={"method": method, "seed": seed, "checkpoint": str(result.best_checkpoint)},
     )
+    change = attention_weight_change(detector.backbone, settings.backbone)
     heldout = evaluation["datasets"]["heldout"]
     indist = evaluation["datasets"]["in-distribution"]
     return {
@@ -180,9 +181,32 @@ def run_method(
         "best_step": result.best_step,
         "train_seconds": round(train_seconds, 2),
         "trainable_params": trainable_count(result.best_checkpoint),
+        "attn_weight_change": change,
         "checkpoint": str(result.best_checkpoint),
         "evaluation": evaluation,
     }
+
+
+def attention_weight_change(backbone, pretrained: str) -> float:
+    """``‖W − W⁰‖_F / ‖W⁰‖_F`` over the attention projections, a trained (merged) backbone vs ``pretrained``.
+
+    How far a method moved the pretrained weights that every adapter here targets: MASM's premise is to
+    learn artifacts while keeping this small; full fine-tuning and LoRA are free to move it.
+    """
+    import torch
+
+    from ..method.apply import find_targets
+    from ..method.config import ATTENTION_TARGETS
+    from ..models.backbones import load_backbone
+
+    trained = dict(backbone.named_modules())
+    diff = total = 0.0
+    for name, linear in find_targets(load_backbone(pretrained), ATTENTION_TARGETS):
+        weight = trained[name].weight.detach().float().cpu()
+        with torch.no_grad():
+            diff += (weight - linear.weight.float()).pow(2).sum().item()
+            total += linear.weight.float().pow(2).sum().item()
+    return math.sqrt(diff / total) if total else 0.0
 
 
 @functools.lru_cache(maxsize=8)

@@ -115,11 +115,26 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) ->
     shutil.copy(out_dir / "masm-eval" / "roc.png", out_dir / "roc.png")
 
     rows = [
-        [name, r["heldout_auc"], r["indist_auc"], r["trainable_params"], r["train_seconds"]]
+        [
+            name,
+            r["heldout_auc"],
+            r["indist_auc"],
+            r["attn_weight_change"],
+            r["trainable_params"],
+            r["train_seconds"],
+        ]
         for name, r in methods.items()
     ]
     table = format_table(
-        rows, ["method", "held-out AUC", "in-distribution AUC", "trainable params", "train s"]
+        rows,
+        [
+            "method",
+            "held-out AUC",
+            "in-distribution AUC",
+            "attention ΔW/W",
+            "trainable params",
+            "train s",
+        ],
     )
     seconds = time.perf_counter() - start
     report = {

@@ -1,0 +1,61 @@
+"""``masm bench speed`` end to end on a tiny backbone: every method runs, the ratios the issue names exist."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from masm.benchmarks import speed
+
+
+def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    out = tmp_path / "speed.json"
+    args = parser.parse_args(
+        [
+            "--backbone",
+            "tiny-clip",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--methods",
+            "masm,effort-reference,full,frozen-floor",
+            "--out",
+            str(out),
+        ]
+    )
+    assert speed.run(args) == 0
+    results = json.loads(out.read_text())
+    for key in (
+        "masm_vs_effort_step",
+        "masm_vs_full_step",
+        "merged_vs_plain_infer",
+        "masm_vs_full_peak_mem",
+        "floor_vs_effort_step",
+        "masm_vs_floor_step",
+    ):
+        assert math.isfinite(results["ratios"][key]) and results["ratios"][key] > 0, key
+    assert set(results["targets_met"]) == {
+        "masm_vs_effort_step",
+        "masm_vs_full_step",
+        "merged_vs_plain_infer",
+        "masm_vs_full_peak_mem",
+    }
+    # The floor trains only the targeted Linears' biases (4 per layer x 4 layers x 64) and the 2-way head.
+    assert results["train"]["frozen-floor"]["trainable"] == 4 * 4 * 64 + (64 * 2 + 2)
+    assert "floor_vs_effort_step" in capsys.readouterr().out
+
+
+def test_unknown_method_is_one_clear_error():
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    args = parser.parse_args(["--methods", "masm,bogus"])
+    with pytest.raises(Exception, match="unknown method 'bogus'"):
+        speed.run(args)
