@@ -117,6 +117,33 @@ def test_layer_forward_matches_materialised_weight():
     assert torch.allclose(layer(x), x @ layer.merged_weight().T + layer.bias, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_hand_written_backward_matches_autograd_of_the_formula(bias):
+    from masm.method.layer import _LowRankLinear
+
+    torch.manual_seed(0)
+    d_in, d_out, r = 7, 5, 3
+    x = torch.randn(2, 4, d_in, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(d_out, d_in, dtype=torch.float64)
+    b = torch.randn(d_out, dtype=torch.float64) if bias else None
+    U = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(r, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(d_in, r, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _LowRankLinear.apply(x, weight, b, *a), (U, s, V))
+    assert torch.autograd.gradcheck(lambda x_: _LowRankLinear.apply(x_, weight, b, U, s, V), (x,))
+    reference = x @ (weight + (U * s) @ V.T).T + (0 if b is None else b)
+    assert torch.allclose(_LowRankLinear.apply(x, weight, b, U, s, V), reference)
+
+
+def test_autocast_keeps_the_low_rank_path_in_the_factors_precision():
+    layer, base = _layer()
+    x = torch.randn(5, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), base(x), atol=0.05)
+
+
 @pytest.mark.parametrize("guard", ["off", "penalty"])
 def test_orthogonality_loss_is_zero_at_init_and_its_gradient_repairs_a_violation(guard):
     layer, _ = _layer(guard)

@@ -94,7 +94,7 @@ def test_kill_and_resume_reaches_the_uninterrupted_parameters(tmp_path, data, mo
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
     masks_a = load_file(str(tmp_path / "full/checkpoints/last/mask.safetensors"))
     masks_b = load_file(str(tmp_path / "cut/checkpoints/last/mask.safetensors"))
     assert torch.equal(masks_a["mask"], masks_b["mask"])

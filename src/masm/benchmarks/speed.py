@@ -190,6 +190,7 @@ def _train_worker(method: str, settings: SpeedSettings) -> dict:
     import torch
 
     from ..method import SelectiveMaskController, total_loss
+    from ..training.trainer import make_optimizer
 
     device = _setup(settings)
     detector, masm_config = _build(method, settings)
@@ -198,7 +199,7 @@ def _train_worker(method: str, settings: SpeedSettings) -> dict:
     x = torch.randn(settings.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 2, (settings.batch_size,), device=device)
     params = detector.trainable_parameters()
-    optimizer = torch.optim.Adam(params, lr=1e-4)
+    optimizer = make_optimizer(params, "adam", lr=1e-4)  # the trainer's optimizer
     controller = None
     if masm_config is not None and masm_config.mask.enabled:
         controller = SelectiveMaskController(detector, masm_config.mask)

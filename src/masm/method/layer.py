@@ -78,13 +78,11 @@ class MASMLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, s, V = self.artifact_factors()
-        out = F.linear(x, self.weight_sem, self.bias)
-        if out.dtype != U.dtype:  # autocast: keep the low-rank path in the factors' precision
+        if torch.is_autocast_enabled(x.device.type) or x.dtype != U.dtype:
+            # Mixed precision: the frozen matmul in the autocast dtype, the low-rank path in the factors'.
+            out = F.linear(x, self.weight_sem, self.bias)
             return out + ((x.to(V.dtype) @ (V * s)) @ U.T).to(out.dtype)
-        # s scales the small d_in×Km factor, not the (tokens × Km) activation; addmm adds the low-rank
-        # term in the matmul's epilogue instead of another pass over the output.
-        low_rank = x.reshape(-1, self.in_features) @ (V * s)
-        return torch.addmm(out.reshape(-1, self.out_features), low_rank, U.T).view(out.shape)
+        return _LowRankLinear.apply(x, self.weight_sem, self.bias, U, s, V)
 
     def merged_weight(self) -> torch.Tensor:
         U, s, V = self.artifact_factors()
@@ -164,6 +162,46 @@ class MASMLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"K={self.num_subspaces}, m={self.subspace_rank}, semantic_guard={self.semantic_guard}"
         )
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``x W_semᵀ + b + ((x V) ⊙ s) Uᵀ`` with a hand-written backward.
+
+    Autograd on the plain expression makes two extra passes over every (tokens × d) activation gradient:
+    it computes the input gradient of the low-rank branch as a separate tensor and then adds it to the
+    frozen branch's. Here the low-rank term is added in the matmul epilogue of the frozen one, in forward
+    (``out += lr Uᵀ``) and in backward (``dx += (g U) (V s)ᵀ``). No ``d_out × d_in`` matrix is formed and
+    no weight gradient of ``W_sem`` is computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, U, s, V):
+        x2 = x.reshape(-1, x.shape[-1])
+        Vs = V * s  # s scales the small d_in × Km factor, not the (tokens × Km) activation
+        low_rank = x2 @ Vs
+        out = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+        out.addmm_(low_rank, U.T)
+        ctx.save_for_backward(x, weight, U, s, V, low_rank)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, U, s, V, low_rank = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g_low = g @ U  # tokens × Km
+        grad_x = grad_U = grad_s = grad_V = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(g_low, (V * s).T).view(x.shape)
+        # Km × d products, transposed afterwards: the reduction over tokens then runs along contiguous rows
+        # (measured 1.5x faster on CPU than tokens-transposed × (tokens × Km)).
+        if ctx.needs_input_grad[3]:
+            grad_U = (low_rank.T @ g).T
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            grad_Vs = (g_low.T @ x.reshape(-1, x.shape[-1])).T  # d_in × Km
+            grad_s = (grad_Vs * V).sum(0)
+            grad_V = grad_Vs * s
+        return grad_x, None, None, grad_U, grad_s, grad_V
 
 
 def _project(grad: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:

@@ -199,8 +199,22 @@ def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
     o = config.optim
     if not params:
         raise ConfigError(f"method {config.model.method.name!r} leaves no trainable parameters")
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return make_optimizer(
+        params, o.name, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str = "adam", **kwargs) -> torch.optim.Optimizer:
+    """Adam or AdamW, updating all parameters with multi-tensor (``foreach``) kernels.
+
+    MASM has 3·K small tensors per adapted layer (576 on ViT-B/16 with K = 4); torch's default on CPU is
+    a Python loop over them, measured 1.6x slower than ``foreach``. The ``fused`` kernel is faster still,
+    but on CPU a resumed run with it drifted from the uninterrupted one (7e-6 after 6 steps, where the
+    other two agree to 1e-6), and resuming must reproduce the run. Parameters
+    whose ``grad`` is None (paused subspaces) are skipped, so their values and moments stay as they were.
+    """
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(params, foreach=True, **kwargs)
 
 
 # -- the run ---------------------------------------------------------------------------------------------
