@@ -48,6 +48,7 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
         "merged_vs_plain_infer",
         "masm_vs_full_peak_mem",
     }
+    assert all(len(r["step_times_s"]) == 1 for r in results["train"].values())
     # The floor trains only the targeted Linears' biases (4 per layer x 4 layers x 64) and the 2-way head.
     assert results["train"]["frozen-floor"]["trainable"] == 4 * 4 * 64 + (64 * 2 + 2)
     assert "floor_vs_effort_step" in capsys.readouterr().out

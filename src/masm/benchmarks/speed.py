@@ -1,9 +1,11 @@
 """``masm bench speed``: training-step time, inference time and peak memory of MASM vs the baselines.
 
-Every method is measured in its own fresh process (so peak memory is its own), on the same random batch,
-as the median of ``--steps`` timed steps after ``--warmup`` untimed ones. A training step is what the
-trainer does: forward, the method's full loss (MASM's regularisers included), backward, the selective
-mask, Adam. Compared:
+Step times are medians of ``--steps`` timed steps after ``--warmup`` untimed ones, all methods in one
+process and timed round-robin (one step of each method per round, the order rotating), so that the
+machine's drift over minutes does not enter the ratios. Memory is measured for each method in its own
+fresh process, so that its peak is its own. Every method trains on the same random batch. A training step
+is what the trainer does: forward, the method's full loss (MASM's regularisers included), backward, the
+selective mask, Adam (the trainer's multi-tensor Adam). Compared:
 
 * ``masm``: K=4, m=4 subspaces on the attention projections, low-rank forward;
 * ``effort-reference``: Effort's reference formula, ``W_main + U diag(S) Vᵀ`` rebuilt every forward
@@ -81,7 +83,11 @@ def run(args) -> int:
 
 
 def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METHODS) -> dict:
-    train = {method: _in_fresh_process(_train_worker, method, settings) for method in methods}
+    train = {method: _in_fresh_process(_memory_worker, method, settings) for method in methods}
+    times = _in_fresh_process(_timing_worker, methods, settings)
+    for method in methods:
+        train[method]["step_s"] = statistics.median(times[method])
+        train[method]["step_times_s"] = times[method]
     infer = _in_fresh_process(_infer_worker, "masm", settings)
     ratios = {}
     if "masm" in train:
@@ -153,9 +159,23 @@ def format_results(results: dict) -> str:
 
 
 # -- workers (run in fresh processes) ---------------------------------------------------------------------
-def _in_fresh_process(fn, method: str, settings: SpeedSettings) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, method, settings).result()
+# glibc returns large freed blocks to the OS and maps them again on the next allocation, so each step pays
+# page faults for its activations, and how many depends on what the previous step (of another method)
+# freed: the floor's step times spread over 2.36-2.90 s without these settings, 2.32-2.57 s with them.
+# Fixed thresholds keep freed memory in the process; they apply to the benchmark's worker processes only.
+_STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
+
+
+def _in_fresh_process(fn, what, settings: SpeedSettings) -> dict:
+    saved = {key: os.environ.get(key) for key in _STEADY_MALLOC}
+    os.environ.update({key: value for key, value in _STEADY_MALLOC.items() if saved[key] is None})
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(fn, what, settings).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 def _setup(settings: SpeedSettings):
@@ -186,51 +206,75 @@ def _build(method: str, settings: SpeedSettings):
     return detector, detector.config.method.masm_config
 
 
-def _train_worker(method: str, settings: SpeedSettings) -> dict:
-    import torch
+class _TrainingStep:
+    """One method's detector, batch, optimizer and mask controller, and a callable training step."""
 
-    from ..method import SelectiveMaskController, total_loss
-    from ..training.trainer import make_optimizer
+    def __init__(self, method: str, settings: SpeedSettings, device):
+        import torch
 
-    device = _setup(settings)
-    detector, masm_config = _build(method, settings)
-    detector.to(device).train()
-    size = detector.preprocessing.input_size
-    x = torch.randn(settings.batch_size, 3, size, size, device=device)
-    y = torch.randint(0, 2, (settings.batch_size,), device=device)
-    params = detector.trainable_parameters()
-    optimizer = make_optimizer(params, "adam", lr=1e-4)  # the trainer's optimizer
-    controller = None
-    if masm_config is not None and masm_config.mask.enabled:
-        controller = SelectiveMaskController(detector, masm_config.mask)
+        from ..training.trainer import make_optimizer
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = total_loss(detector(x), y, detector, masm_config)
+        self.detector, self.masm_config = _build(method, settings)
+        self.detector.to(device).train()
+        self.device = device
+        size = self.detector.preprocessing.input_size
+        generator = torch.Generator().manual_seed(0)  # the same batch for every method
+        self.x = torch.randn(settings.batch_size, 3, size, size, generator=generator).to(device)
+        self.y = torch.randint(0, 2, (settings.batch_size,), generator=generator).to(device)
+        self.params = self.detector.trainable_parameters()
+        self.optimizer = make_optimizer(self.params, "adam", lr=1e-4)  # the trainer's optimizer
+        self.controller = None
+        if self.masm_config is not None and self.masm_config.mask.enabled:
+            from ..method import SelectiveMaskController
+
+            self.controller = SelectiveMaskController(self.detector, self.masm_config.mask)
+
+    def __call__(self) -> None:
+        from ..method import total_loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = total_loss(self.detector(self.x), self.y, self.detector, self.masm_config)
         loss.backward()
-        if controller is not None:
-            controller.step()
-        optimizer.step()
-        _sync(device)
+        if self.controller is not None:
+            self.controller.step()
+        self.optimizer.step()
+        _sync(self.device)
 
+
+def _timing_worker(methods: list[str], settings: SpeedSettings) -> dict[str, list[float]]:
+    """Step times of every method, measured round-robin in one process.
+
+    A shared 2-core machine drifts by several per cent over minutes; timing one method after the other
+    puts that drift into the ratios. Here every round times one step of each method, and the order rotates
+    from round to round, so each ratio compares steps taken under the same conditions.
+    """
+    device = _setup(settings)
+    steps = {method: _TrainingStep(method, settings, device) for method in methods}
     for _ in range(settings.warmup):
-        step()
-    times = []
-    with _PeakMemory(device) as memory:
-        for _ in range(settings.steps):
-            start = time.perf_counter()
+        for step in steps.values():
             step()
-            times.append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for round_ in range(settings.steps):
+        shift = round_ % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            start = time.perf_counter()
+            steps[method]()
+            times[method].append(time.perf_counter() - start)
+    return times
+
+
+def _memory_worker(method: str, settings: SpeedSettings) -> dict:
+    """Training memory and trainable parameters of one method, in its own process (so the peak is its own)."""
+    device = _setup(settings)
+    step = _TrainingStep(method, settings, device)
+    step()  # the optimizer's state exists from the first step on
+    with _PeakMemory(device) as memory:
+        step()
     if device.type == "cuda":
         peak_mb = memory.peak_mb
     else:
-        peak_mb = _training_memory_mb(detector, x, params, optimizer)
-    return {
-        "step_s": statistics.median(times),
-        "step_times_s": times,
-        "peak_mem_mb": peak_mb,
-        "trainable": sum(p.numel() for p in params),
-    }
+        peak_mb = _training_memory_mb(step.detector, step.x, step.params, step.optimizer)
+    return {"peak_mem_mb": peak_mb, "trainable": sum(p.numel() for p in step.params)}
 
 
 def _training_memory_mb(detector, x, params, optimizer) -> float:
