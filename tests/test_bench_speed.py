@@ -26,7 +26,7 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
             "--warmup",
             "0",
             "--methods",
-            "masm,effort-reference,full,frozen-floor",
+            "masm,effort-reference,full,frozen-floor,masm-path-only",
             "--out",
             str(out),
         ]
@@ -40,6 +40,7 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
         "masm_vs_full_peak_mem",
         "floor_vs_effort_step",
         "masm_vs_floor_step",
+        "path_only_vs_effort_step",
     ):
         assert math.isfinite(results["ratios"][key]) and results["ratios"][key] > 0, key
     assert set(results["targets_met"]) == {
@@ -51,6 +52,8 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
     assert all(len(r["step_times_s"]) == 1 for r in results["train"].values())
     # The floor trains only the targeted Linears' biases (4 per layer x 4 layers x 64) and the 2-way head.
     assert results["train"]["frozen-floor"]["trainable"] == 4 * 4 * 64 + (64 * 2 + 2)
+    # The bare path has MASM's trainable parameters exactly.
+    assert results["train"]["masm-path-only"]["trainable"] == results["train"]["masm"]["trainable"]
     assert "floor_vs_effort_step" in capsys.readouterr().out
 
 

@@ -12,6 +12,8 @@ selective mask, Adam (the trainer's multi-tensor Adam). Compared:
   (:mod:`masm.benchmarks.effort_reference`);
 * ``effort``: the same Effort model (K=1, m=1) on MASM's low-rank code path;
 * ``lora`` (peft, rank 16, same targets) and ``full`` fine-tuning;
+* ``masm-path-only``: MASM's K=4, m=4 subspaces on the low-rank path and nothing else (semantic guard,
+  regularisers and mask off): what the adapter's own matmuls cost, apart from what MASM adds to them;
 * ``frozen-floor``: every weight frozen, only the targeted Linears' biases train. Backward then carries the
   input gradient through every adapted layer, as any method that trains those layers must, and computes no
   weight gradient and no adapter work. It is the least step time an adapter on these layers can have, so
@@ -35,7 +37,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-TRAIN_METHODS = ["masm", "effort-reference", "effort", "lora", "full", "frozen-floor"]
+TRAIN_METHODS = ["masm", "effort-reference", "effort", "lora", "full", "frozen-floor", "masm-path-only"]
 
 
 @dataclass
@@ -100,6 +102,10 @@ def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METH
                     "effort": "masm_vs_effort_lowrank_step",
                 }.get(other, f"masm_vs_{other}_step")
                 ratios[key] = masm["step_s"] / train[other]["step_s"]
+        if "masm-path-only" in train and "effort-reference" in train:
+            ratios["path_only_vs_effort_step"] = (
+                train["masm-path-only"]["step_s"] / train["effort-reference"]["step_s"]
+            )
         if "frozen-floor" in train:
             ratios["masm_vs_floor_step"] = masm["step_s"] / train["frozen-floor"]["step_s"]
         if "full" in train:
@@ -197,6 +203,12 @@ def _build(method: str, settings: SpeedSettings):
         detector = create_detector(settings.backbone, "linear")
         apply_effort_reference(detector.backbone)
         return detector, None
+    if method == "masm-path-only":
+        from ..models.methods import method_config
+
+        bare = {"semantic_guard": "off", "lambda_orth": 0.0, "lambda_spec": 0.0, "mask": {"enabled": False}}
+        detector = create_detector(settings.backbone, method_config("masm", {"masm": bare}))
+        return detector, detector.config.method.masm_config
     if method == "frozen-floor":
         detector = create_detector(settings.backbone, "linear")
         for _, linear in find_targets(detector.backbone, ATTENTION_TARGETS):
