@@ -126,6 +126,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
 
 
 def format_summary(summary: dict[str, dict]) -> str:
+    from ..demo.experiment import RESULT_COLUMNS
     from ..evaluation.report import format_table
 
     def pm(entry, key):
@@ -143,18 +144,7 @@ def format_summary(summary: dict[str, dict]) -> str:
         ]
         for label, e in summary.items()
     ]
-    return format_table(
-        rows,
-        [
-            "method",
-            "held-out AUC",
-            "in-distribution AUC",
-            "attention ΔW/W",
-            "trainable params",
-            "train s",
-            "seeds",
-        ],
-    )
+    return format_table(rows, [*RESULT_COLUMNS, "seeds"])
 
 
 def _argv(args) -> list[str]:

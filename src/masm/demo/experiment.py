@@ -187,6 +187,17 @@ def run_method(
     }
 
 
+# Columns of the result tables of `masm demo` and `masm bench quality`, in the order of their rows.
+RESULT_COLUMNS = [
+    "method",
+    "held-out AUC",
+    "in-distribution AUC",
+    "attention ΔW/W",
+    "trainable params",
+    "train s",
+]
+
+
 def attention_weight_change(backbone, pretrained: str) -> float:
     """``‖W − W⁰‖_F / ‖W⁰‖_F`` over the attention projections, a trained (merged) backbone vs ``pretrained``.
 
@@ -195,18 +206,25 @@ def attention_weight_change(backbone, pretrained: str) -> float:
     """
     import torch
 
+    trained = dict(backbone.named_modules())
+    diff = total = 0.0
+    with torch.no_grad():
+        for name, weight0 in _pretrained_attention_weights(pretrained).items():
+            weight = trained[name].weight.float().cpu()
+            diff += (weight - weight0).pow(2).sum().item()
+            total += weight0.pow(2).sum().item()
+    return math.sqrt(diff / total) if total else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained_attention_weights(backbone: str) -> dict:
+    """The backbone's attention projection weights (float32, CPU), loaded once for all runs of a comparison."""
     from ..method.apply import find_targets
     from ..method.config import ATTENTION_TARGETS
     from ..models.backbones import load_backbone
 
-    trained = dict(backbone.named_modules())
-    diff = total = 0.0
-    for name, linear in find_targets(load_backbone(pretrained), ATTENTION_TARGETS):
-        weight = trained[name].weight.detach().float().cpu()
-        with torch.no_grad():
-            diff += (weight - linear.weight.float()).pow(2).sum().item()
-            total += linear.weight.float().pow(2).sum().item()
-    return math.sqrt(diff / total) if total else 0.0
+    targets = find_targets(load_backbone(backbone), ATTENTION_TARGETS)
+    return {name: linear.weight.detach().float().cpu() for name, linear in targets}
 
 
 @functools.lru_cache(maxsize=8)

@@ -76,7 +76,7 @@ def ensure_synthetic_data(
 def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) -> dict:
     from ..evaluation.plots import plot_mask_heatmap
     from ..evaluation.report import format_table
-    from .experiment import RunSettings, run_method, split_synthetic
+    from .experiment import RESULT_COLUMNS, RunSettings, run_method, split_synthetic
 
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,17 +125,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) ->
         ]
         for name, r in methods.items()
     ]
-    table = format_table(
-        rows,
-        [
-            "method",
-            "held-out AUC",
-            "in-distribution AUC",
-            "attention ΔW/W",
-            "trainable params",
-            "train s",
-        ],
-    )
+    table = format_table(rows, RESULT_COLUMNS)
     seconds = time.perf_counter() - start
     report = {
         "settings": asdict(settings),
