@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,27 @@ import numpy as np
 import torch
 
 from ..errors import MasmError
+from ..precision import autocast_for, resolve_device
 from .metrics import evaluate_scores, mean_over_datasets
 from .report import PARITY_NOTICE, write_eval_report, write_robustness_report
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of an evaluation spread over ``world_size`` processes (``torch.distributed``).
 
+    Process ``rank`` scores records ``rank, rank + world_size, ...``; the scores are gathered on rank 0,
+    which alone computes metrics and writes reports. Every process must make the same calls (collectives).
+    """
 
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA under ``auto``/``bf16``; fp32 (no autocast) otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 @torch.no_grad()
@@ -87,6 +91,30 @@ def score_records(
         bar.close()
         detector.train(was_training)
     return scores, failed
+
+
+def score_sharded(
+    detector: torch.nn.Module, records: Sequence[Any], transform, shard: Shard, **kwargs: Any
+) -> tuple[np.ndarray, list[tuple[str, str]]] | None:
+    """:func:`score_records` with the records split over processes: rank 0 gets every record's score
+    and every failure, in record order; the other ranks get None."""
+    if shard.world_size <= 1:
+        return score_records(detector, records, transform, **kwargs)
+    import torch.distributed as dist
+
+    ids = list(range(shard.rank, len(records), shard.world_size))
+    kwargs["progress"] = kwargs.get("progress", False) and shard.is_main
+    scores, failed = score_records(detector, [records[i] for i in ids], transform, **kwargs)
+    parts: list[Any] | None = [None] * shard.world_size if shard.is_main else None
+    dist.gather_object((ids, scores, failed), parts, dst=0)
+    if not shard.is_main:
+        return None
+    full = np.full(len(records), np.nan, dtype=np.float64)
+    all_failed: list[tuple[str, str]] = []
+    for part_ids, part_scores, part_failed in parts:
+        full[part_ids] = part_scores
+        all_failed += part_failed
+    return full, all_failed
 
 
 def _reason(error: str) -> str:
@@ -181,13 +209,16 @@ def evaluate_detector(
     precision: str = "auto",
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+    shard: Shard | None = None,
+) -> dict[str, Any] | None:
     """Score ``detector`` on every test set in ``specs`` (clean, then under each perturbation).
 
     Returns ``{"datasets": {name: evaluate_scores result}, "mean": ..., "robustness": {perturbation:
     {level: {name: frame AUC}}} (level 0 = clean; only with perturbations), "report": report.json path or
     None}``. With ``out_dir`` the eval report (clean) and, with perturbations, the robustness report are
     written there. ``parity`` = DeepfakeBench parity (first-N frames, parent-folder video keys).
+    ``shard`` spreads the frames over the processes of a ``torch.distributed`` group (every process calls
+    this): rank 0 writes the reports and returns the result, the other ranks return None.
     """
     from ..data.transforms import build_transform
 
@@ -202,6 +233,7 @@ def evaluate_detector(
         parity=parity,
         seed=seed,
     )
+    shard = shard or Shard()
     preprocessing = detector.preprocessing
     datasets: dict[str, dict] = {}
     predictions: dict[str, list] = {}
@@ -210,10 +242,11 @@ def evaluate_detector(
         transform = build_transform(preprocessing, train=False, perturbation=condition, seed=seed)
         tag = "clean" if condition is None else f"{condition[0]}:{condition[1]}"
         for name, index in indexes.items():
-            scores, failed = score_records(
+            scored = score_sharded(
                 detector,
                 index.records,
                 transform,
+                shard,
                 batch_size=batch_size,
                 num_workers=num_workers,
                 device=device,
@@ -221,13 +254,17 @@ def evaluate_detector(
                 progress=progress,
                 desc=f"{name} [{tag}]",
             )
-            result, rows = metrics_for(index.records, scores, failed)
+            if scored is None:  # another rank than 0: its scores went to rank 0
+                continue
+            result, rows = metrics_for(index.records, *scored)
             if condition is None:
                 result["data"] = index.summary()
                 datasets[name], predictions[name] = result, rows
             else:
                 per_level = robustness.setdefault(condition[0], {})
                 per_level.setdefault(condition[1], {})[name] = result["frame"]["auc"]
+    if not shard.is_main:
+        return None
     for per_level in robustness.values():
         per_level[0] = {name: datasets[name]["frame"]["auc"] for name in datasets}
     full_meta = {
@@ -237,6 +274,7 @@ def evaluate_detector(
         "parity": parity,
         **({"parity_notice": PARITY_NOTICE} if parity else {}),
         "perturbations": [f"{n}:{lv}" for n, lv in perturbations],
+        "processes": shard.world_size,
         **dict(meta or {}),
     }
     report_path = None

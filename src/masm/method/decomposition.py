@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
-# Entries kept in process memory (bytes). Enough for a tiny model's every layer; large ones go to disk.
+# Total bytes of the entries kept in process memory, least recently used dropped first. Enough for a
+# tiny model's every layer; an entry over 1/16 of it (ViT-L's) is only ever read from disk.
 _MEMORY_LIMIT = 256 * 2**20
-_memory: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_memory: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
 @dataclass
@@ -56,6 +58,7 @@ def decompose(weight: torch.Tensor, svd_dtype: str = "float64", cache_dir: Path 
         raise ValueError(f"SVD precision must be float32 or float64, got {svd_dtype}")
     key = weight_key(weight, svd_dtype)
     if key in _memory:
+        _memory.move_to_end(key)
         return SVD(*_memory[key])
     path = (
         None if cache_dir is False else Path(cache_dir or default_cache_dir()) / "svd" / f"{key}.safetensors"
@@ -67,9 +70,23 @@ def decompose(weight: torch.Tensor, svd_dtype: str = "float64", cache_dir: Path 
         factors = (U.contiguous(), S.contiguous(), Vh.contiguous())
         if path is not None:
             _write_entry(path, factors)
-    if sum(t.numel() * t.element_size() for t in factors) <= _MEMORY_LIMIT // 16:
-        _memory[key] = factors
+    _remember(key, factors)
     return SVD(*factors)
+
+
+def _nbytes(factors: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in factors)
+
+
+def _remember(key: str, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """Keep ``factors`` in memory, dropping the least recently used entries beyond ``_MEMORY_LIMIT``."""
+    if _nbytes(factors) > _MEMORY_LIMIT // 16:
+        return
+    _memory[key] = factors
+    total = sum(_nbytes(f) for f in _memory.values())
+    while total > _MEMORY_LIMIT:
+        _, dropped = _memory.popitem(last=False)
+        total -= _nbytes(dropped)
 
 
 def residual_groups(n: int, num_subspaces: int, rank: int, slicing: str) -> list[torch.Tensor]:

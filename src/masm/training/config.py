@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import from_dict, load_yaml, merge_dicts, parse_overrides, to_dict
+from ..data.pseudo_fakes import PseudoFakeConfig
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
 from ..models.detector import ModelConfig
@@ -63,6 +64,10 @@ class DataConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "frames per forward pass in validation/test"})
     num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per device"})
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "training augmentation"})
+    pseudo_fakes: PseudoFakeConfig = field(
+        default_factory=PseudoFakeConfig,
+        metadata={"help": "forgeries made on the fly from real training frames (self-blended images)"},
+    )
 
 
 @dataclass
@@ -107,6 +112,17 @@ class TrainConfig:
     device: str = field(
         default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (DDP: the local rank's GPU)"}
     )
+    tf32: bool = field(
+        default=True,
+        metadata={"help": "fp32 mode on CUDA: let matmuls use TF32 tensor cores (false: full fp32 products)"},
+    )
+    dist_timeout_s: float | None = field(
+        default=None,
+        metadata={
+            "help": "DDP: seconds any collective may wait for the slowest rank (null: $MASM_DIST_TIMEOUT_S, "
+            "else 7200, long enough for the test sets' scoring)"
+        },
+    )
     log_every: int = field(default=10, metadata={"help": "optimizer steps between metrics.jsonl records"})
     eval_every: int = field(default=1, metadata={"help": "validate every N eval_unit (0: only at the end)"})
     eval_unit: Literal["epoch", "step"] = field(default="epoch", metadata={"help": "unit of eval_every"})
@@ -135,6 +151,7 @@ class TrainConfig:
             "optim.grad_accum_steps": self.optim.grad_accum_steps >= 1,
             "optim.lr": self.optim.lr > 0,
             "optim.warmup_steps": self.optim.warmup_steps >= 0,
+            "dist_timeout_s": self.dist_timeout_s is None or self.dist_timeout_s > 0,
         }
         bad = [key for key, ok in checks.items() if not ok]
         if bad:

@@ -27,21 +27,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import to_dict
 from ..data.dataset import FrameDataset, collate_frames
+from ..data.images import load_rgb
+from ..data.pseudo_fakes import PseudoFakeConfig, PseudoFakeMaker
 from ..data.sampling import derive_seed
 from ..data.spec import FrameIndex, FrameRecord, open_dataset
-from ..data.transforms import build_transform
+from ..data.transforms import build_transform, resize_square
 from ..errors import CheckpointError, ConfigError, DataError, MasmError
-from ..evaluation.evaluate import autocast_for, evaluate_detector, metrics_for, score_records
+from ..evaluation.evaluate import Shard, evaluate_detector, metrics_for, score_sharded
 from ..evaluation.metrics import mean_over_datasets
-from ..method import SelectiveMaskController, total_loss
+from ..method import SelectiveMaskController, reproject_guarded, total_loss
 from ..models.checkpoint import load_checkpoint, load_extra_tensors, read_checkpoint_config, save_checkpoint
 from ..models.detector import Detector, create_detector
+from ..precision import autocast_for, configure_matmul_precision
 from . import distributed as dist_utils
 from .config import TrainConfig, config_to_dict
 from .state import (
@@ -83,24 +87,55 @@ class TrainResult:
 
 # -- data ------------------------------------------------------------------------------------------------
 class _TrainFrames(FrameDataset):
-    """Training frames whose augmentation is seeded by (run seed, epoch, sample index).
+    """Training frames whose augmentation and pseudo-fakes are seeded by (run seed, epoch, sample index).
 
-    That makes a sample's augmentation independent of worker assignment and of where a run resumed.
+    That makes a sample independent of worker assignment and of where a run resumed. With pseudo-fakes on,
+    a real frame is resized to the input size and may become a forgery of itself (label 1) before the
+    augmentation (:mod:`masm.data.pseudo_fakes`).
     """
 
-    def __init__(self, records, transform, seed: int):
+    def __init__(self, records, transform, seed: int, pseudo_fakes: PseudoFakeConfig | None = None):
         super().__init__(records, transform)
         self.seed = seed
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers keep their copy of the dataset across epochs
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.pseudo_fakes = None
+        if pseudo_fakes is not None and pseudo_fakes.enabled:
+            donors = _LazyImages([r.path for r in self.records if r.label == 0])
+            self.pseudo_fakes = PseudoFakeMaker(pseudo_fakes, donors)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)  # before the epoch's iterator starts, so no worker reads the old value
 
     def __getitem__(self, index: int) -> dict:
         augmentation = getattr(self.transform, "augmentation", None)
         if augmentation is not None and hasattr(augmentation, "set_random_seed"):
             augmentation.set_random_seed(derive_seed(self.seed, f"{self.epoch}/{index}") % 2**32)
         return super().__getitem__(index)
+
+    def prepare(self, rgb, record, index: int):
+        if self.pseudo_fakes is None or record.label != 0:
+            return rgb, record.label
+        rng = np.random.default_rng(derive_seed(self.seed, f"pseudo-fake/{self.epoch}/{index}"))
+        rgb, label, _ = self.pseudo_fakes(resize_square(rgb, self.transform.size), rng)
+        return rgb, label
+
+
+class _LazyImages:
+    """A sequence of images loaded on access: the donors of spliced pseudo-fakes."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return load_rgb(self.paths[index])
 
 
 class _ResumableSampler(DistributedSampler):
@@ -158,6 +193,7 @@ def _open_data(config: TrainConfig, train_data, val_data, test_data) -> _Data:
     if isinstance(source, str) and source.startswith("dfb:") and "@" not in source[4:]:
         source += "@train"  # a DeepfakeBench index trains on its train split unless told otherwise
     train = _as_index(source, "train", dict(common, frames_per_video=d.frames_train, balance=d.balance))
+    _check_train_classes(train, d.pseudo_fakes.enabled)
     val = None
     val_source = val_data if val_data is not None else _val_spec(config)
     if val_source is not None:
@@ -170,6 +206,16 @@ def _open_data(config: TrainConfig, train_data, val_data, test_data) -> _Data:
     if config.select_on == "test" and not tests:
         raise ConfigError("select_on: 'test' (DeepfakeBench parity) needs data.test")
     return _Data(train, val, tests)
+
+
+def _check_train_classes(index: FrameIndex, pseudo_fakes: bool) -> None:
+    labels = {r.label for r in index.records}
+    if pseudo_fakes and 0 not in labels:
+        raise DataError(f"training set {index.name!r} has no real frames to make data.pseudo_fakes from")
+    if not pseudo_fakes and labels != {0, 1}:
+        only = "real" if labels == {0} else "fake"
+        hint = " (enable data.pseudo_fakes to train from real frames alone)" if only == "real" else ""
+        raise DataError(f"training set {index.name!r} ({index.source}) has only {only} frames{hint}")
 
 
 def _require_both_classes(index: FrameIndex, role: str) -> None:
@@ -205,16 +251,18 @@ def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str = "adam", **kwargs) -> torch.optim.Optimizer:
-    """Adam or AdamW, updating all parameters with multi-tensor (``foreach``) kernels.
+    """Adam or AdamW, updating all parameters with ``fused`` kernels on CUDA and ``foreach`` elsewhere.
 
     MASM has 3·K small tensors per adapted layer (576 on ViT-B/16 with K = 4); torch's default on CPU is
-    a Python loop over them, measured 1.6x slower than ``foreach``. The ``fused`` kernel is faster still,
-    but on CPU a resumed run with it drifted from the uninterrupted one (7e-6 after 6 steps, where the
-    other two agree to 1e-6), and resuming must reproduce the run. Parameters
-    whose ``grad`` is None (paused subspaces) are skipped, so their values and moments stay as they were.
+    a Python loop over them, measured 1.6x slower than ``foreach``. On CUDA the ``fused`` kernel does the
+    whole update in a few launches. On CPU ``fused`` is faster still, but a resumed run with it drifted from
+    the uninterrupted one (7e-6 after 6 steps, where the other two agree to 1e-6), and resuming must
+    reproduce the run. Parameters whose ``grad`` is None (paused subspaces) are skipped, so their values
+    and moments stay as they were.
     """
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(params, foreach=True, **kwargs)
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return cls(params, **({"fused": True} if on_cuda else {"foreach": True}), **kwargs)
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -242,14 +290,17 @@ class _Run:
         self.last_eval_step = -1
         self.saved_any = False
         self.frames_failed = 0
+        self.group_terms: list[dict[str, torch.Tensor]] = []  # loss terms of the open accumulation group
 
     # setup ------------------------------------------------------------------------------------------------
     def build(self, data: _Data) -> None:
         cfg, env = self.config, self.env
         self.data = data
-        self.detector: Detector = create_detector(
-            cfg.model.backbone, cfg.model.method, preprocessing=cfg.model.preprocessing, seed=cfg.seed
-        )
+        configure_matmul_precision(env.device, cfg.tf32)
+        with dist_utils.local_main_first(env):  # one SVD per weight per machine, then read from the cache
+            self.detector: Detector = create_detector(
+                cfg.model.backbone, cfg.model.method, preprocessing=cfg.model.preprocessing, seed=cfg.seed
+            )
         cfg.model = self.detector.config  # resolved: preprocessing filled in from the backbone
         self.detector.to(env.device).train()
         masm_cfg = cfg.model.method.masm_config
@@ -277,7 +328,9 @@ class _Run:
         transform = build_transform(
             self.detector.preprocessing, train=True, augment=cfg.data.augment, seed=cfg.seed
         )
-        self.train_set = _TrainFrames(self.data.train.records, transform, cfg.seed)
+        self.train_set = _TrainFrames(
+            self.data.train.records, transform, cfg.seed, pseudo_fakes=cfg.data.pseudo_fakes
+        )
         self.sampler = _ResumableSampler(
             self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed
         )
@@ -291,6 +344,7 @@ class _Run:
             worker_init_fn=worker_init_fn,
             generator=self.generator,
             pin_memory=env.device.type == "cuda",
+            persistent_workers=cfg.data.num_workers > 0,  # _TrainFrames shares its epoch with the workers
         )
         self.micro_per_epoch = math.ceil(len(self.sampler) / self.per_rank_batch)
         accum = cfg.optim.grad_accum_steps
@@ -379,6 +433,13 @@ class _Run:
         missing, unexpected = self.detector.load_state_dict(weights, strict=False)
         if unexpected:
             raise CheckpointError(f"{self.last_dir}: unexpected tensor {unexpected[0]!r} for this model")
+        trainable = {name for name, p in self.detector.named_parameters() if p.requires_grad}
+        missing_trainable = [name for name in missing if name in trainable]
+        if missing_trainable:
+            raise CheckpointError(
+                f"{self.last_dir / 'model.safetensors'}: trainable weight {missing_trainable[0]!r} is missing "
+                f"({len(missing_trainable)} of {len(trainable)} missing); the checkpoint is incomplete"
+            )
         self.optimizer.load_state_dict(
             unflatten_optimizer(load_extra_tensors(self.last_dir, "optimizer"), state["optimizer"])
         )
@@ -420,25 +481,19 @@ class _Run:
         transform = build_transform(self.detector.preprocessing, train=False, seed=cfg.seed)
         results: dict[str, dict] = {}
         for name, index in sets.items():
-            shard = list(range(env.rank, len(index.records), env.world_size))
-            scores, failed = score_records(
+            scored = score_sharded(
                 self.detector,
-                [index.records[i] for i in shard],
+                index.records,
                 transform,
+                Shard(env.rank, env.world_size),
                 batch_size=cfg.data.eval_batch_size,
                 num_workers=cfg.data.num_workers,
                 device=env.device,
                 precision=cfg.precision,
                 progress=False,
             )
-            gathered = dist_utils.gather_objects(env, (shard, scores.tolist(), failed))
-            if env.is_main:
-                full = torch.full((len(index.records),), float("nan"), dtype=torch.float64)
-                all_failed = []
-                for ids, sc, fl in gathered:
-                    full[ids] = torch.tensor(sc, dtype=torch.float64)
-                    all_failed += fl
-                results[name], _ = metrics_for(index.records, full.numpy(), all_failed)
+            if scored is not None:  # rank 0
+                results[name], _ = metrics_for(index.records, *scored)
         metric = None
         if env.is_main:
             metric = (
@@ -473,7 +528,11 @@ class _Run:
         return round(self.progress.epoch + self.progress.step_in_epoch / max(1, self.steps_per_epoch), 4)
 
     # training ---------------------------------------------------------------------------------------------
-    def _micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor] | None:
+    def _micro_step(self, batch: dict, sync: bool, group_size: int) -> dict[str, torch.Tensor] | None:
+        """Forward and backward of one micro-batch, its loss scaled by 1 / (micro-batches in its group).
+
+        Nothing here waits for the device: the loss is checked with the gradients, once per step.
+        """
         env, cfg = self.env, self.config
         self.frames_failed += len(batch["failed"])
         if batch["pixel_values"] is None:
@@ -487,17 +546,47 @@ class _Run:
             with autocast_for(env.device, cfg.precision):
                 logits = self.model(pixels)
             loss, terms = total_loss(logits, labels, self.detector, self.masm_cfg)
-            (loss / cfg.optim.grad_accum_steps).backward()
-        bad = not bool(torch.isfinite(terms["total"]).item())
-        if dist_utils.any_true(env, bad):
-            last = self.last_dir if self.saved_any else "none (no checkpoint was saved yet)"
-            raise MasmError(
-                f"loss is not finite at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}): "
-                f"{ {k: float(v) for k, v in terms.items()} }; last good checkpoint: {last}"
-            )
+            (loss / group_size).backward()
+        self.group_terms.append(terms)
         return terms
 
+    def _check_finite(self) -> None:
+        """Refuse the step when a loss of its group or a gradient is not finite, on any rank.
+
+        Before the mask and the optimizer see the gradients, so neither Adam's moments nor the mask's running
+        averages are poisoned. One all-reduce and one host sync per optimizer step.
+        """
+        env = self.env
+        ok = torch.ones((), dtype=torch.bool, device=env.device)
+        losses = [t["total"] for t in self.group_terms]
+        loss_ok = torch.stack(losses).isfinite().all() if losses else ok
+        grads = [p.grad for p in self.detector.trainable_parameters() if p.grad is not None]
+        grad_ok = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all() if grads else ok
+        bad_loss, bad_grad = dist_utils.any_true(env, torch.stack([~loss_ok, ~grad_ok]))
+        terms, self.group_terms = self.group_terms, []
+        if not (bad_loss or bad_grad):
+            return
+        where = f"at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1})"
+        last = self.last_dir if self.saved_any else "none (no checkpoint was saved yet)"
+        if bad_loss:
+            bad = [t for t in terms if not torch.isfinite(t["total"])]
+            detail = {k: float(v) for k, v in bad[0].items()} if bad else "on another rank"
+            raise MasmError(f"loss is not finite {where}: {detail}; last good checkpoint: {last}")
+        names = [
+            name
+            for name, p in self.detector.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        raise MasmError(
+            f"gradient is not finite {where} although the loss is finite: parameter "
+            f"{names[0] if names else '(on another rank)'!r}"
+            + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+            + "; the step was refused (optimizer and mask state unchanged); lower optim.lr, set "
+            f"optim.max_grad_norm or use precision: fp32; last good checkpoint: {last}"
+        )
+
     def _optimizer_step(self) -> float:
+        self._check_finite()
         lr = lr_at(self.progress.global_step, self.config, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -508,6 +597,7 @@ class _Run:
                 self.detector.trainable_parameters(), self.config.optim.max_grad_norm
             )
         self.optimizer.step()
+        reproject_guarded(self.detector)  # the semantic guard holds exactly after Adam and weight decay
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
@@ -546,11 +636,13 @@ class _Run:
             skip_micro = self.progress.step_in_epoch * accum
             self.sampler.skip = skip_micro * self.per_rank_batch
             bar = self._bar(epoch)
-            in_group = 0
+            in_group = group_size = 0
             for micro, batch in enumerate(self.loader, start=skip_micro):
+                if in_group == 0:  # the epoch's last group may hold fewer micro-batches
+                    group_size = min(accum, self.micro_per_epoch - micro)
                 in_group += 1
-                closes_group = in_group == accum or micro == self.micro_per_epoch - 1
-                terms = self._micro_step(batch, sync=closes_group)
+                closes_group = in_group == group_size
+                terms = self._micro_step(batch, sync=closes_group, group_size=group_size)
                 if terms is not None:
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + v
@@ -693,15 +785,24 @@ def train(
     before its first checkpoint) and reaches the same parameters as an uninterrupted run. ``train_data``,
     ``val_data`` and ``test_data`` replace the config's specs with in-memory data (a spec string, a
     :class:`FrameIndex` or a list of :class:`FrameRecord`). ``on_step(progress)`` is called after every
-    optimizer step (tests use it to interrupt a run). Launch under ``torchrun`` for DDP.
+    optimizer step (tests use it to interrupt a run). Launch under ``torchrun`` for DDP: an error on one
+    rank then stops every rank (:mod:`masm.training.distributed`).
     """
     config = _copy_config(config)
     out = Path(out_dir)
-    env = dist_utils.setup(config.device)
+    env = dist_utils.setup(config.device, config.dist_timeout_s)
+    failed = True
     try:
-        return _train(config, out, resume, env, progress, train_data, val_data, test_data, on_step)
+        result = _train(config, out, resume, env, progress, train_data, val_data, test_data, on_step)
+        failed = False
+        return result
+    except BaseException as err:
+        first = dist_utils.report_failure(env, err)
+        if first is not None:
+            raise MasmError(f"rank {env.rank} stops because {first}") from err
+        raise
     finally:
-        dist_utils.cleanup(env)
+        dist_utils.cleanup(env, failed=failed)
 
 
 def _copy_config(config: TrainConfig) -> TrainConfig:
@@ -737,7 +838,7 @@ def _train(config, out, resume, env, progress, train_data, val_data, test_data, 
     run.fit()
     run.finish()
     test = None
-    if data.tests and env.is_main:
+    if data.tests:  # every rank scores its share of the frames; rank 0 writes the report
         best = load_checkpoint(run.best_dir, device=env.device, merge=True)
         test = evaluate_detector(
             best,
@@ -750,6 +851,7 @@ def _train(config, out, resume, env, progress, train_data, val_data, test_data, 
             device=env.device,
             precision=config.precision,
             progress=progress,
+            shard=Shard(env.rank, env.world_size),
             meta={
                 "checkpoint": str(run.best_dir),
                 "seed": config.seed,
