@@ -52,7 +52,10 @@ class SpeedSettings:
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--backbone", default="clip-vit-b16-random", help="backbone (default: ViT-B/16 shapes)"
+        "--backbone",
+        default="clip-vit-b16-random",
+        help="backbone of any supported family: registry name (e.g. tiny-dinov2), hub id or directory "
+        "(default: CLIP ViT-B/16 shapes)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
@@ -195,13 +198,12 @@ def _setup(settings: SpeedSettings):
 
 def _build(method: str, settings: SpeedSettings):
     from ..method.apply import find_targets
-    from ..method.config import ATTENTION_TARGETS
     from ..models import create_detector
     from .effort_reference import apply_effort_reference
 
     if method == "effort-reference":
         detector = create_detector(settings.backbone, "linear")
-        apply_effort_reference(detector.backbone)
+        apply_effort_reference(detector.backbone, detector.family.attention_targets)
         return detector, None
     if method == "masm-path-only":
         from ..models.methods import method_config
@@ -211,8 +213,9 @@ def _build(method: str, settings: SpeedSettings):
         return detector, detector.config.method.masm_config
     if method == "frozen-floor":
         detector = create_detector(settings.backbone, "linear")
-        for _, linear in find_targets(detector.backbone, ATTENTION_TARGETS):
-            linear.bias.requires_grad_(True)
+        for _, linear in find_targets(detector.backbone, detector.family.attention_targets):
+            if linear.bias is not None:  # e.g. DINOv3's k_proj has none
+                linear.bias.requires_grad_(True)
         return detector, None
     detector = create_detector(settings.backbone, method)
     return detector, detector.config.method.masm_config

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from ..config import to_dict
 from ..errors import CheckpointError, MasmError
+from .backbones import canonical_key
 from .detector import Detector, create_detector, model_config_from_dict
+from .families import family_for_config
 
 FORMAT = "masm-detector"
 VERSION = 1
@@ -117,9 +118,18 @@ def load_checkpoint(
     directory = Path(config["directory"])
     model_config = model_config_from_dict(config["model"])
     if config["weights"] == "merged":
-        backbone = CLIPVisionModel(CLIPVisionConfig(**_strip_hf_keys(config["backbone_config"])))
+        backbone_config = config["backbone_config"]
+        family = family_for_config(backbone_config, str(directory / CONFIG_FILE))
+        try:
+            backbone = family.build(backbone_config)
+        except MasmError:
+            raise
+        except Exception as err:  # a config this transformers cannot build
+            raise CheckpointError(
+                f"{directory / CONFIG_FILE}: cannot build its backbone_config ({err})"
+            ) from None
         detector = Detector(
-            backbone, model_config, model_config.preprocessing, config.get("backbone_fingerprint", "")
+            backbone, model_config, model_config.preprocessing, config.get("backbone_fingerprint", ""), family
         )
         detector.merged = True
         _load_tensors(detector, directory / WEIGHTS_FILE, require_all=True)
@@ -153,8 +163,12 @@ def load_extra_tensors(directory: str | Path, stem: str) -> dict[str, torch.Tens
 
 
 def _adapter_state(detector: Detector) -> dict[str, torch.Tensor]:
-    names = {name for name, p in detector.named_parameters() if p.requires_grad or name.startswith("head.")}
-    return {name: p.detach().cpu().contiguous() for name, p in detector.named_parameters() if name in names}
+    """Trainable tensors and the head, under canonical names (the same under transformers 4 and 5)."""
+    return {
+        canonical_key(name): p.detach().cpu().contiguous()
+        for name, p in detector.named_parameters()
+        if p.requires_grad or name.startswith("head.")
+    }
 
 
 def _merged_state(detector: Detector) -> dict[str, torch.Tensor]:
@@ -164,35 +178,34 @@ def _merged_state(detector: Detector) -> dict[str, torch.Tensor]:
         import copy
 
         state = copy.deepcopy(detector).merge().state_dict()
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return {canonical_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def _load_tensors(detector: Detector, path: Path, *, require_all: bool) -> None:
-    expected = detector.state_dict()
+    """Load the file's tensors into ``detector``. Names are compared in canonical form, so a checkpoint
+    written under transformers 4 (``vision_model.`` nesting) loads under 5 and the other way round."""
+    state = detector.state_dict()
+    actual = {canonical_key(k): k for k in state}
+    expected = {key: state[name] for key, name in actual.items()}
     required = set(expected) if require_all else set(_adapter_state(detector))
     try:
         with safe_open(str(path), framework="pt") as fh:
-            keys = set(fh.keys())
-            for key in sorted(keys):
+            stored = {canonical_key(k): k for k in fh.keys()}
+            for key, name in sorted(stored.items()):
                 if key not in expected:
-                    raise CheckpointError(f"{path}: unexpected key {key!r} (not a tensor of this model)")
-                shape = tuple(fh.get_slice(key).get_shape())
+                    raise CheckpointError(f"{path}: unexpected key {name!r} (not a tensor of this model)")
+                shape = tuple(fh.get_slice(name).get_shape())
                 if shape != tuple(expected[key].shape):
                     raise CheckpointError(
-                        f"{path}: key {key!r} has shape {shape}, the model needs {tuple(expected[key].shape)}"
+                        f"{path}: key {name!r} has shape {shape}, the model needs {tuple(expected[key].shape)}"
                     )
-            missing = sorted(required - keys)
+            missing = sorted(required - set(stored))
             if missing:
                 raise CheckpointError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
-            tensors = {key: fh.get_tensor(key) for key in keys}
+            tensors = {actual[key]: fh.get_tensor(name) for key, name in stored.items()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
     detector.load_state_dict(tensors, strict=require_all)
-
-
-def _strip_hf_keys(config: dict[str, Any]) -> dict[str, Any]:
-    drop = {"transformers_version", "architectures", "model_type", "_name_or_path", "torch_dtype", "dtype"}
-    return {k: v for k, v in config.items() if k not in drop}
 
 
 def _sha256(path: Path) -> str:

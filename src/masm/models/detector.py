@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import from_dict
-from .backbones import backbone_fingerprint, backbone_preprocessing, load_backbone
-from .methods import MethodConfig, apply_method, merge_method, method_config
+from ..errors import ConfigError
+from .backbones import LoadedBackbone, backbone_fingerprint, open_backbone
+from .families import BackboneFamily, family_of
+from .methods import MethodConfig, apply_method, merge_method, method_config, resolve_targets
 from .preprocessing import Preprocessing
 
 
@@ -27,24 +31,56 @@ class ModelConfig:
 
 
 class Detector(nn.Module):
-    """``logits = head(backbone(pixels).pooler_output)``; P(fake) = ``softmax(logits)[:, 1]``."""
+    """``logits = head(f)`` with ``f`` the backbone family's pooled feature (L2-normalised when the method
+    says so); P(fake) = ``softmax(logits)[:, 1]``."""
 
     def __init__(
-        self, backbone: nn.Module, config: ModelConfig, preprocessing: Preprocessing, fingerprint: str
+        self,
+        backbone: nn.Module,
+        config: ModelConfig,
+        preprocessing: Preprocessing,
+        fingerprint: str,
+        family: BackboneFamily | None = None,
     ):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.hidden_size, 2)
+        self.family = family or family_of(backbone)
+        self.head = nn.Linear(self.family.feature_dim(backbone), 2)
         self.config = config
         self.preprocessing = preprocessing
         self.backbone_fingerprint = fingerprint
         self.merged = False
+        self._last_features: torch.Tensor | None = None  # the batch's feature, kept in training only
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone(pixel_values=pixel_values).pooler_output
+        """The family's pooled feature (``pooler_output``), before any normalisation."""
+        return self.family.pooled(self.backbone, pixel_values)
+
+    def head_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feature = self.features(pixel_values)
+        if self.config.method.features.l2_normalize:
+            feature = F.normalize(feature.float(), dim=-1).to(feature.dtype)
+        return feature
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixel_values))
+        feature = self.head_input(pixel_values)
+        self._last_features = feature if self.training else None
+        return self.head(feature)
+
+    def auxiliary_losses(self, labels: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        """``{name: (weight, value)}`` of the feature losses the method enables, on the last training
+        batch's head input (GenD's alignment and uniformity on the hypersphere); empty when none is on."""
+        settings = self.config.method.features
+        terms: dict[str, tuple[float, torch.Tensor]] = {}
+        feature = self._last_features
+        if feature is None or not (settings.lambda_align or settings.lambda_uniform):
+            return terms
+        feature = feature.float()
+        if settings.lambda_align:
+            terms["align"] = (settings.lambda_align, alignment_loss(feature, labels))
+        if settings.lambda_uniform:
+            terms["uniform"] = (settings.lambda_uniform, uniformity_loss(feature, settings.uniform_t))
+        return terms
 
     @torch.no_grad()
     def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -54,6 +90,7 @@ class Detector(nn.Module):
     def merge(self) -> Detector:
         """Fold adapters into plain Linears (in place): inference at exactly the plain backbone's speed."""
         merge_method(self.backbone)
+        self.family.finalize_merged(self.backbone)
         self.merged = True
         return self
 
@@ -74,22 +111,80 @@ def create_detector(
 ) -> Detector:
     """The one way to build a detector: load the backbone, apply the method, add a fresh head.
 
-    ``method`` is a preset name (``masm``, ``effort``, ``effort-reg``, ``lora``, ``full``, ``linear``) or a
-    :class:`MethodConfig`. ``seed`` makes the head's initialisation reproducible.
+    ``backbone`` is a registry name, a hub id, a local ``save_pretrained`` directory of a supported family,
+    or a masm checkpoint directory (its merged backbone, preprocessing and head are the starting point).
+    ``method`` is a preset name (``masm``, ``effort``, ``effort-reg``, ``lora``, ``full``, ``linear``,
+    ``ln-tune``) or a :class:`MethodConfig`. ``seed`` makes the head's initialisation reproducible.
     """
+    return build_detector(
+        open_backbone(backbone), backbone, method, preprocessing=preprocessing, cache_dir=cache_dir, seed=seed
+    )
+
+
+def build_detector(
+    loaded: LoadedBackbone,
+    name: str,
+    method: str | MethodConfig,
+    *,
+    preprocessing: Preprocessing | None = None,
+    cache_dir=None,
+    seed: int | None = 0,
+) -> Detector:
+    """:func:`create_detector` on a backbone already in memory (``name`` is what the config records)."""
     method_cfg = method_config(method) if isinstance(method, str) else method
-    model = load_backbone(backbone)
+    method_cfg = resolve_targets(method_cfg, loaded.family)
+    _check_objective_supports(method_cfg)
+    model = loaded.model
     fingerprint = backbone_fingerprint(model)
-    pre = preprocessing or backbone_preprocessing(model)
-    config = ModelConfig(backbone=backbone, method=method_cfg, preprocessing=pre)
-    model = apply_method(model, method_cfg, cache_dir=cache_dir)
+    pre = preprocessing or loaded.preprocessing
+    config = ModelConfig(backbone=name, method=method_cfg, preprocessing=pre)
+    model = apply_method(loaded.family.prepare(model), method_cfg, cache_dir=cache_dir)
     if seed is None:
-        detector = Detector(model, config, pre, fingerprint)
+        detector = Detector(model, config, pre, fingerprint, loaded.family)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            detector = Detector(model, config, pre, fingerprint)
+            detector = Detector(model, config, pre, fingerprint, loaded.family)
+    if loaded.head is not None:  # a masm checkpoint as the starting point: its head too
+        detector.head.load_state_dict(copy.deepcopy(loaded.head))
     return detector
+
+
+def alignment_loss(feature: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the (normalised) features of same-label pairs (0 when there are none)."""
+    same = (labels[:, None] == labels[None, :]).triu(diagonal=1)
+    if not bool(same.any()):
+        return feature.sum() * 0.0
+    return _squared_distances(feature)[same].mean()
+
+
+def uniformity_loss(feature: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """``log mean_{i<j} exp(-t ‖f_i − f_j‖²)``: low when the features spread over the sphere."""
+    n = feature.shape[0]
+    if n < 2:
+        return feature.sum() * 0.0
+    pair = torch.ones(n, n, dtype=torch.bool, device=feature.device).triu(diagonal=1)
+    return _squared_distances(feature)[pair].mul(-t).exp().mean().log()
+
+
+def _squared_distances(feature: torch.Tensor) -> torch.Tensor:
+    # From the Gram matrix: smooth where two features coincide (cdist's backward is not).
+    norms = feature.pow(2).sum(-1)
+    return (norms[:, None] + norms[None, :] - 2 * feature @ feature.T).clamp_min(0)
+
+
+def _check_objective_supports(config: MethodConfig) -> None:
+    """Refuse feature losses that the training objective would silently ignore."""
+    settings = config.features
+    if not (settings.lambda_align or settings.lambda_uniform):
+        return
+    from ..method import losses
+
+    if "auxiliary_losses" not in losses.total_loss.__code__.co_names:
+        raise ConfigError(
+            "features.lambda_align/lambda_uniform: this version's training objective "
+            "(masm.method.losses.total_loss) does not add Detector.auxiliary_losses yet"
+        )
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
