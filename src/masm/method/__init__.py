@@ -1,6 +1,13 @@
 """The method: MASM adapter layers, their decomposition, losses and the selective layer mask."""
 
-from .apply import apply_masm, count_masm_parameters, find_targets, masm_layers, merge_masm
+from .apply import (
+    apply_masm,
+    count_masm_parameters,
+    find_targets,
+    masm_layers,
+    merge_masm,
+    reproject_guarded,
+)
 from .config import MaskConfig, MASMConfig
 from .layer import MASMLinear
 from .losses import regularizers, total_loss
@@ -17,5 +24,6 @@ __all__ = [
     "masm_layers",
     "merge_masm",
     "regularizers",
+    "reproject_guarded",
     "total_loss",
 ]

@@ -62,6 +62,16 @@ def merge_masm(model: nn.Module) -> nn.Module:
     return model
 
 
+def reproject_guarded(model: nn.Module) -> None:
+    """After an optimizer step: project every updated artifact factor out of its guarded directions.
+
+    Only ``semantic_guard: project`` layers do anything; subspaces without a gradient (paused by the
+    selective mask) are left untouched.
+    """
+    for _, layer in masm_layers(model):
+        layer.reproject_()
+
+
 def masm_layers(model: nn.Module) -> list[tuple[str, MASMLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MASMLinear)]
 

@@ -61,6 +61,13 @@ class MASMConfig:
             "help": "keep artifact subspaces out of the semantic one: loss, gradient projection, or off"
         },
     )
+    guard_rank: float = field(
+        default=0.5,
+        metadata={
+            "help": "r_g as a fraction of min(d_out, d_in): the guard covers the top r_g principal directions "
+            "(clamped to the principal rank r = n - K*m)"
+        },
+    )
     spectral_mode: Literal["artifact", "energy"] = field(
         default="artifact",
         metadata={"help": "artifact: keep each subspace's singular values; energy: keep ||W||_F (Effort)"},
@@ -70,6 +77,8 @@ class MASMConfig:
     def __post_init__(self) -> None:
         if self.num_subspaces < 1 or self.subspace_rank < 1:
             raise ConfigError("num_subspaces and subspace_rank must be >= 1")
+        if not 0.0 < self.guard_rank <= 1.0:
+            raise ConfigError(f"guard_rank must be a fraction in (0, 1], got {self.guard_rank}")
         if isinstance(self.mask, dict):  # direct construction with a plain dict
             from ..config import from_dict
 

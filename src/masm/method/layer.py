@@ -56,25 +56,35 @@ class MASMLinear(nn.Module):
         self.register_buffer("sigma0", sigma0.to(device))
         self.register_buffer("energy0", weight.pow(2).sum().float().to(device))
         self.register_buffer("energy_sem", (weight - weight_res).pow(2).sum().float().to(device))
+        self.guard_rank = min(rank_sem, max(1, round(config.guard_rank * n)))
         if config.semantic_guard != "off":
-            # Keeping artifacts out of span(U_sem) needs the semantic basis, d × r: as large as the weight.
-            # Where a side is square (d == n) its complement is exactly the residual span, d × K·m, so
-            # that is stored instead: projecting onto it costs K·m/r as much memory traffic.
-            self.u_complement = self.out_features == n
-            self.v_complement = self.in_features == n
-            U_basis = U[:, residual] if self.u_complement else U[:, :rank_sem]
-            V_basis = Vh[residual].T if self.v_complement else Vh[:rank_sem].T
+            # The guard keeps the artifact factors out of the top r_g principal directions only (method.md
+            # §3): a guard over all r frozen directions would confine them to the initial residual span.
+            # Each side stores the smaller of the guarded basis (d × r_g) and, where the side is square,
+            # its complement (d × (n − r_g)); both give the same projection.
+            self.u_complement = self.out_features == n and n - self.guard_rank < self.guard_rank
+            self.v_complement = self.in_features == n and n - self.guard_rank < self.guard_rank
+            g = self.guard_rank
+            U_basis = U[:, g:] if self.u_complement else U[:, :g]
+            V_basis = Vh[g:].T if self.v_complement else Vh[:g].T
             self.register_buffer("U_basis", U_basis.to(device, torch.float32).contiguous())
             self.register_buffer("V_basis", V_basis.to(device, torch.float32).contiguous())
-        if config.semantic_guard == "project":
-            for k in range(self.num_subspaces):
-                self.U[k].register_hook(self._project_out_of_semantic_U)
-                self.V[k].register_hook(self._project_out_of_semantic_V)
 
     # -- forward and merge ------------------------------------------------------------------------------
     def artifact_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U_cat, s_cat, V_cat)``: the K subspaces side by side (d_out×Km, Km, d_in×Km)."""
-        return torch.cat(list(self.U), 1), torch.cat(list(self.s)), torch.cat(list(self.V), 1)
+        """``(U_cat, s_cat, V_cat)``: the K subspaces side by side (d_out×Km, Km, d_in×Km).
+
+        In ``project`` mode the factors are used projected out of the guarded directions, so the guard is
+        part of the function itself: gradients reach ``U``/``V`` already projected (the chain rule through
+        the projection), nothing the optimizer does to the stored tensors can leak into the guarded
+        span, and a copy of the model (``copy.deepcopy``, pickling) keeps the guard. :meth:`reproject_`
+        also projects the stored tensors after each optimizer step, so that what is saved is what is used.
+        """
+        U, s, V = torch.cat(list(self.U), 1), torch.cat(list(self.s)), torch.cat(list(self.V), 1)
+        if self.semantic_guard == "project":
+            U = _project(U, self.U_basis, self.u_complement)
+            V = _project(V, self.V_basis, self.v_complement)
+        return U, s, V
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, s, V = self.artifact_factors()
@@ -121,26 +131,29 @@ class MASMLinear(nn.Module):
         return loss / U.shape[1]
 
     def semantic_overlap(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """``‖U_semᵀ U‖² + ‖V_semᵀ V‖²`` (via ``‖Q‖² − ‖Bᵀ Q‖²`` where the stored basis B is the complement)."""
+        """``‖U_gᵀ U‖² + ‖V_gᵀ V‖²`` over the guarded directions (via ``‖Q‖² − ‖Bᵀ Q‖²`` where the stored
+        basis B is the complement)."""
         return _overlap(U, self.U_basis, self.u_complement) + _overlap(V, self.V_basis, self.v_complement)
 
     def spectral_loss(self, mode: str = "artifact") -> torch.Tensor:
         """Spectral consistency.
 
-        ``artifact``: ``Σ_k ‖σ(A_k) − σ⁰_k‖² / Σ_k ‖σ⁰_k‖²`` with ``A_k = U_k diag(s_k) V_kᵀ``. The
+        ``artifact``: ``Σ_k ‖σ(A_k) − σ⁰_k‖² / ‖W⁰‖²_F`` with ``A_k = U_k diag(s_k) V_kᵀ``. The
         singular values of ``A_k`` come from QR factors of ``U_k`` and ``V_k`` and an m×m SVD, which is
-        exact and differentiable. The normaliser is the initial artifact energy (not the whole spectrum's,
-        which would make the term vanish next to the semantic singular values).
+        exact and differentiable. The normaliser is the pretrained weight's energy (method.md §3): the
+        artifact part's own tiny initial energy would pin its singular values and forbid learning.
         ``energy``: ``|‖W‖² − ‖W⁰‖²| / ‖W⁰‖²`` (Effort), computed from the factors without forming ``W``.
         """
         if mode == "artifact":
+            U, s, V = self.artifact_factors()
+            m = self.subspace_rank
             sigma = []
             for k in range(self.num_subspaces):
-                _, r_u = torch.linalg.qr(self.U[k])
-                _, r_v = torch.linalg.qr(self.V[k])
-                sigma.append(torch.linalg.svdvals((r_u * self.s[k]) @ r_v.T))
+                _, r_u = torch.linalg.qr(U[:, k * m : (k + 1) * m])
+                _, r_v = torch.linalg.qr(V[:, k * m : (k + 1) * m])
+                sigma.append(torch.linalg.svdvals((r_u * s[k * m : (k + 1) * m]) @ r_v.T))
             sigma = torch.stack(sigma)
-            return (sigma - self.sigma0).pow(2).sum() / self.sigma0.pow(2).sum().clamp_min(1e-30)
+            return (sigma - self.sigma0).pow(2).sum() / self.energy0
         if mode == "energy":
             U, s, V = self.artifact_factors()
             # ‖W_sem + U diag(s) Vᵀ‖² = ‖W_sem‖² + 2 Σ_j s_j u_jᵀ W_sem v_j + Σ_ij s_i s_j (UᵀU)_ij (VᵀV)_ij
@@ -150,12 +163,31 @@ class MASMLinear(nn.Module):
             return (energy - self.energy0).abs() / self.energy0
         raise ValueError(f"unknown spectral mode {mode!r}")
 
-    # -- semantic guard by gradient projection -----------------------------------------------------------
-    def _project_out_of_semantic_U(self, grad: torch.Tensor) -> torch.Tensor:
-        return _project(grad, self.U_basis, self.u_complement)
+    # -- semantic guard by projection -------------------------------------------------------------------
+    @torch.no_grad()
+    def reproject_(self, updated_only: bool = True) -> None:
+        """Project the stored ``U_k``, ``V_k`` out of the guarded directions (``project`` mode; else a no-op).
 
-    def _project_out_of_semantic_V(self, grad: torch.Tensor) -> torch.Tensor:
-        return _project(grad, self.V_basis, self.v_complement)
+        Called after every optimizer step: Adam's per-element scaling and weight decay move the stored
+        tensors out of the complement even though their gradients lie in it. With ``updated_only`` a
+        subspace without a gradient (paused by the mask) is left bit-for-bit as it is.
+        """
+        if self.semantic_guard != "project":
+            return
+        for k in range(self.num_subspaces):
+            for param, basis, complement in (
+                (self.U[k], self.U_basis, self.u_complement),
+                (self.V[k], self.V_basis, self.v_complement),
+            ):
+                if not updated_only or param.grad is not None:
+                    param.copy_(_project(param, basis, complement))
+
+    def guard_overlap(self) -> float:
+        """``(‖U_gᵀ U‖² + ‖V_gᵀ V‖²) / (‖U‖² + ‖V‖²)`` of the stored factors: 0 when the guard holds."""
+        with torch.no_grad():
+            U, V = torch.cat(list(self.U), 1), torch.cat(list(self.V), 1)
+            overlap = self.semantic_overlap(U, V)
+            return float(overlap / (U.pow(2).sum() + V.pow(2).sum()))
 
     def extra_repr(self) -> str:
         return (

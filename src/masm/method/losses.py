@@ -42,8 +42,9 @@ def regularizers(model: nn.Module, config: MASMConfig) -> dict[str, torch.Tensor
 
 def _orthogonality(layers: list) -> torch.Tensor:
     """Per-layer orthogonality loss of same-shape layers, batched."""
-    U = torch.stack([torch.cat(list(layer.U), 1) for layer in layers])  # L × d_out × Km
-    V = torch.stack([torch.cat(list(layer.V), 1) for layer in layers])
+    factors = [layer.artifact_factors() for layer in layers]  # projected where the guard projects
+    U = torch.stack([u for u, _, _ in factors])  # L × d_out × Km
+    V = torch.stack([v for _, _, v in factors])
     eye = torch.eye(U.shape[-1], device=U.device, dtype=U.dtype)
     loss = (U.mT @ U - eye).pow(2).sum((1, 2)) + (V.mT @ V - eye).pow(2).sum((1, 2))
     if layers[0].semantic_guard == "penalty":  # semantic bases differ per layer: no stacking of big buffers
@@ -53,15 +54,20 @@ def _orthogonality(layers: list) -> torch.Tensor:
 
 def _artifact_spectrum(layers: list) -> torch.Tensor:
     """Per-layer artifact spectral loss of same-shape layers, batched over layers and subspaces."""
-    U = torch.stack([u for layer in layers for u in layer.U])  # (L·K) × d_out × m
-    V = torch.stack([v for layer in layers for v in layer.V])
-    s = torch.stack([x for layer in layers for x in layer.s])  # (L·K) × m
-    r_u = torch.linalg.qr(U).R
-    r_v = torch.linalg.qr(V).R
+    K, m = layers[0].num_subspaces, layers[0].subspace_rank
+    factors = [layer.artifact_factors() for layer in layers]
+    U = torch.stack([u for u, _, _ in factors]).unflatten(-1, (K, m)).movedim(-2, 1).flatten(0, 1)
+    V = torch.stack([v for _, _, v in factors]).unflatten(-1, (K, m)).movedim(-2, 1).flatten(0, 1)
+    s = torch.stack([x for _, x, _ in factors]).view(-1, m)  # (L·K) × m; U, V: (L·K) × d × m
+    # σ(U diag(s) Vᵀ) = σ(R_u diag(s) R_vᵀ) with R from UᵀU = RᵀR: a batched m×m Cholesky per factor
+    # instead of a QR of the tall d×m factor (one fused call on GPU rather than one per matrix).
+    r_u = torch.linalg.cholesky_ex(U.mT @ U).L.mT
+    r_v = torch.linalg.cholesky_ex(V.mT @ V).L.mT
     sigma = torch.linalg.svdvals((r_u * s[:, None, :]) @ r_v.mT)
     sigma0 = torch.stack([layer.sigma0 for layer in layers])  # L × K × m
     sigma = sigma.view_as(sigma0)
-    return (sigma - sigma0).pow(2).sum((1, 2)) / sigma0.pow(2).sum((1, 2)).clamp_min(1e-30)
+    energy0 = torch.stack([layer.energy0 for layer in layers])
+    return (sigma - sigma0).pow(2).sum((1, 2)) / energy0
 
 
 def total_loss(
