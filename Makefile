@@ -1,6 +1,7 @@
-# Two entry points for a fresh machine that has only Python and pip:
+# Entry points for a fresh machine that has only Python and pip:
 #   make demo   installs masm into .venv and runs the offline end-to-end demo
 #   make test   installs masm with its test extras into .venv and runs the test suite
+#   make gpu-check  (on a GPU machine) checks the CUDA path and writes benchmarks/results/gpu_check.json
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 # local disk on our machines, while a bare `torch` requirement would pull a several-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean gpu-check
 
 $(BIN)/masm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
+
+# On a GPU machine (with a CUDA torch in .venv): bf16 vs fp32 steps on ViT-L/14 shapes, torchrun with NCCL
+# through masm train, and masm bench speed --device cuda; <= 8 minutes, report in benchmarks/results/.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --device cuda --out benchmarks/results/gpu_check.json
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
