@@ -48,11 +48,18 @@ class FrameDataset(Dataset):
         except DataError as err:
             sample["error"] = str(err)
             return sample
+        rgb, label = self.prepare(rgb, record, index)
+        if label != record.label:
+            sample["label"] = torch.tensor(label, dtype=torch.long)
         if isinstance(self.transform, FrameTransform):
             sample["pixel_values"] = self.transform(rgb, key=record.path)
         else:
             sample["pixel_values"] = self.transform(rgb)
         return sample
+
+    def prepare(self, rgb, record: FrameRecord, index: int):
+        """``(rgb, label)`` of a loaded frame before its transform; subclasses may alter both."""
+        return rgb, record.label
 
 
 def collate_frames(batch: list[dict]) -> dict:

@@ -185,3 +185,41 @@ class FaceAligner:
 def _five_points(shape) -> np.ndarray:
     pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
     return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]])
+
+
+class LandmarkFinder:
+    """``finder(rgb) -> (68, 2)`` x/y landmarks of the largest face in ``rgb``, or ``None`` without one.
+
+    For the face-shaped blending regions of pseudo-fakes. Frames there are already face crops, so the
+    detector runs at their own size. Without dlib, ``required=False`` finds no faces (pseudo-fakes then
+    use random regions, with one warning); ``required=True`` raises the install hint.
+    """
+
+    def __init__(self, required: bool = False):
+        self.required = required
+        self.available = True
+        try:
+            _dlib_models()
+        except MasmError as err:
+            if required:
+                raise
+            import logging
+
+            logging.getLogger(__name__).warning("%s; pseudo-fakes use random regions instead of faces", err)
+            self.available = False
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
+        if not self.available:
+            return None
+        dlib, detector, predictor = _dlib_models()
+        rgb = np.ascontiguousarray(rgb)
+        rects = []
+        for upsample in (0, 1):
+            rects = list(detector(rgb, upsample))
+            if rects:
+                break
+        if not rects:
+            return None
+        rect = max(rects, key=lambda r: r.width() * r.height())
+        shape = predictor(rgb, rect)
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)

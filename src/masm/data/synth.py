@@ -201,7 +201,11 @@ def splice(image: Image32, region: np.ndarray, ctx: SampleContext) -> Image32:
     covers (as a face swap is colour-corrected): the evidence is a patch whose sharpness, noise and texture
     do not belong to the rest of the crop, and its seam. Without the matching the histogram of the mixture
     alone gives it away."""
-    donor = random_crop(ctx.photos, ctx.rng, ctx.size)
+    # The donor is cut at a scale that needs no upsampling, so its texture is as sharp as a real crop's,
+    # whether donors are large photos (masm synth) or crops already at the frame size (pseudo-fakes).
+    photo = ctx.photos[ctx.rng.integers(len(ctx.photos))]
+    least = min(1.0, ctx.size / min(photo.shape[:2]))
+    donor = crop_of(photo, ctx.rng, ctx.size, max(least, ctx.rng.uniform(*CROP_FRACTION)))
     inside = region[..., 0] > 0.5
     quantiles = np.linspace(0, 1, 33)
     matched = np.empty_like(donor)
@@ -304,15 +308,29 @@ def make_real(photos: Sequence[np.ndarray], rng: np.random.Generator, size: int)
     return post_process(random_crop(photos, rng, size), rng)
 
 
+def forge(
+    image: Image32,
+    family: str,
+    region: np.ndarray,
+    rng: np.random.Generator,
+    donors: Sequence[np.ndarray],
+    strength: float = 1.0,
+) -> Image32:
+    """``family``'s manipulation of a square float crop inside ``region``, clipped to [0, 1].
+
+    The one forging step of both ``masm synth`` (fixed sets) and on-the-fly pseudo-fakes
+    (:mod:`masm.data.pseudo_fakes`); ``donors`` are the other real images ``splice`` cuts from.
+    """
+    context = SampleContext(rng=rng, photos=donors, size=image.shape[0], strength=strength)
+    return np.clip(FAMILIES[family](image, region, context), 0.0, 1.0).astype(np.float32)
+
+
 def make_fake(
     family: str, photos: Sequence[np.ndarray], rng: np.random.Generator, size: int, strength: float = 1.0
 ) -> np.ndarray:
     image = random_crop(photos, rng, size)
     region = random_region(rng, size)
-    forged = FAMILIES[family](
-        image, region, SampleContext(rng=rng, photos=photos, size=size, strength=strength)
-    )
-    return post_process(np.clip(forged, 0.0, 1.0).astype(np.float32), rng)
+    return post_process(forge(image, family, region, rng, photos, strength), rng)
 
 
 def sample_rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -365,6 +383,8 @@ def synthesize(
     progress: bool = True,
     overwrite: bool = False,
     strength: float = 1.0,
+    photos: Sequence[np.ndarray] | None = None,
+    post: bool = True,
 ) -> dict:
     """Write a synthetic ``folder:`` dataset to ``out_dir`` and return its summary (also in ``synth.json``).
 
@@ -375,6 +395,9 @@ def synthesize(
     ``strength``: multiplies every family's artifact magnitude (noise level, colour shift, pattern
     amplitude, resampling factor, 1/JPEG quality; splicing has none). 1 gives subtle artifacts; small
     backbones trained for minutes (the demo) need about 3.
+    ``photos``: the source photographs as arrays (instead of scikit-image's or ``real_dir``'s).
+    ``post``: apply the shared global post-processing (``False`` writes raw real crops, e.g. as the real
+    frames that pseudo-fakes are made from during training, which then post-process them themselves).
     """
     if not 0 < strength <= 10:
         raise ConfigError(f"strength must be in (0, 10], got {strength}")
@@ -386,7 +409,9 @@ def synthesize(
     num_real = per_family * len(chosen) if num_real is None else num_real
 
     skipped: list[str] = []
-    if real_dir is None:
+    if photos is not None:
+        photos, source = list(photos), {"arrays": len(photos)}
+    elif real_dir is None:
         photos, source = skimage_photos(), {"skimage": list(SKIMAGE_PHOTOS)}
     else:
         photos, skipped = folder_photos(Path(real_dir))
@@ -406,7 +431,8 @@ def synthesize(
     for name, stream, index in jobs:
         rng = sample_rng(seed, stream, index)
         if name == "real":
-            save_png(make_real(photos, rng, size), out_dir / "real" / f"{index:06d}.png")
+            crop = make_real(photos, rng, size) if post else to_uint8(random_crop(photos, rng, size))
+            save_png(crop, out_dir / "real" / f"{index:06d}.png")
         else:
             fake = make_fake(name, photos, rng, size, strength)
             save_png(fake, out_dir / "fake" / name / f"{index:06d}.png")
@@ -429,6 +455,7 @@ def synthesize(
         "jitter": JITTER,
         "jpeg_probability": JPEG_PROBABILITY,
         "jpeg_quality": list(JPEG_QUALITY),
+        "post_processed": post,
     }
     (out_dir / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
