@@ -80,7 +80,8 @@ class TrainResult:
     best_step: int | None
     select_on: str
     val: dict[str, Any] | None = None  # the last validation: {dataset: evaluate_scores result}
-    test: dict[str, Any] | None = None  # evaluate_detector result of the best checkpoint on the test sets
+    # evaluate_detector result of the best checkpoint on the test sets (rank 0; None on the other ranks)
+    test: dict[str, Any] | None = None
     metrics_path: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
