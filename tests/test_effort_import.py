@@ -198,6 +198,7 @@ def _bad_files(tmp_path):
     plain_clip = {f"backbone.{k}": v for k, v in load_backbone("tiny-clip").state_dict().items()}
     files = {
         "text.pth": (b"hello, not a checkpoint\n", "not a PyTorch checkpoint"),
+        "photo.jpg": (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)), "not a PyTorch checkpoint"),
         "pickle.pth": ({"model": NotATensor()}, "needs arbitrary code .*NotATensor"),
         "shape.pth": (
             wrong_shape,

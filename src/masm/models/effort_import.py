@@ -201,14 +201,14 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         message = str(err)
-        if "weights only load failed" in message.lower():
-            needed = re.search(r"GLOBAL ([\w.]+)", message)
-            what = f"it references {needed.group(1)}" if needed else "it holds more than tensors"
+        needed = re.search(r"GLOBAL ([\w.]+)", message)
+        if needed:  # weights_only refused a class or function reference
             raise MasmError(
-                f"{path}: refused: unpickling it needs arbitrary code ({what}); only plain tensor checkpoints "
-                "are read (torch.load weights_only=True)"
+                f"{path}: refused: unpickling it needs arbitrary code (it references {needed.group(1)}); only "
+                "plain tensor checkpoints are read (torch.load weights_only=True)"
             ) from None
-        raise MasmError(f"{path}: not a PyTorch checkpoint ({_first_line(message.splitlines())})") from None
+        reason = message.split("WeightsUnpickler error:")[-1].strip().splitlines()
+        raise MasmError(f"{path}: not a PyTorch checkpoint ({_first_line(reason)})") from None
     except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise MasmError(
             f"{path}: not a PyTorch checkpoint ({type(err).__name__}: {_first_line(str(err).splitlines())})"
