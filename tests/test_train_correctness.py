@@ -128,8 +128,9 @@ def test_resume_refuses_a_checkpoint_without_a_trainable_weight(tmp_path, data, 
         train(_config(data, max_steps=2), tmp_path / "run", resume=True, progress=False)
 
 
-def test_persistent_workers_see_every_epoch(tmp_path, data):
+def test_persistent_workers_see_every_epoch(tmp_path):
     # augmentation is seeded by (epoch, index): workers kept across epochs must see the epoch change
+    data = make_folder_dataset(tmp_path / "fx", n_real=2, n_fake=2)  # one step per epoch
     extra = {"epochs": 2, "data.augment.enabled": "true"}
     in_process = train(_config(data, **extra, **{"data.num_workers": 0}), tmp_path / "w0", progress=False)
     workers = train(_config(data, **extra, **{"data.num_workers": 1}), tmp_path / "w1", progress=False)

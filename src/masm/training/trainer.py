@@ -582,8 +582,8 @@ class _Run:
             f"gradient is not finite {where} although the loss is finite: parameter "
             f"{names[0] if names else '(on another rank)'!r}"
             + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-            + "; the step was refused (optimizer and mask state unchanged); lower optim.lr, set "
-            f"optim.max_grad_norm or use precision: fp32; last good checkpoint: {last}"
+            + "; the step was refused (optimizer and mask state unchanged); lower optim.lr or use "
+            f"precision: fp32; last good checkpoint: {last}"
         )
 
     def _optimizer_step(self) -> float:
