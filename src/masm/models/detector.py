@@ -133,7 +133,6 @@ def build_detector(
     """:func:`create_detector` on a backbone already in memory (``name`` is what the config records)."""
     method_cfg = method_config(method) if isinstance(method, str) else method
     method_cfg = resolve_targets(method_cfg, loaded.family)
-    _check_objective_supports(method_cfg)
     model = loaded.model
     fingerprint = backbone_fingerprint(model)
     pre = preprocessing or loaded.preprocessing
@@ -171,20 +170,6 @@ def _squared_distances(feature: torch.Tensor) -> torch.Tensor:
     # From the Gram matrix: smooth where two features coincide (cdist's backward is not).
     norms = feature.pow(2).sum(-1)
     return (norms[:, None] + norms[None, :] - 2 * feature @ feature.T).clamp_min(0)
-
-
-def _check_objective_supports(config: MethodConfig) -> None:
-    """Refuse feature losses that the training objective would silently ignore."""
-    settings = config.features
-    if not (settings.lambda_align or settings.lambda_uniform):
-        return
-    from ..method import losses
-
-    if "auxiliary_losses" not in losses.total_loss.__code__.co_names:
-        raise ConfigError(
-            "features.lambda_align/lambda_uniform: this version's training objective "
-            "(masm.method.losses.total_loss) does not add Detector.auxiliary_losses yet"
-        )
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
