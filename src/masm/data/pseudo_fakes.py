@@ -51,6 +51,10 @@ class PseudoFakeConfig:
             "face: landmark hull only (a frame without a face stays real); random: a random blob"
         },
     )
+    real_only: bool = field(
+        default=False,
+        metadata={"help": "drop the training set's own fakes: learn from real frames alone, as SBI does"},
+    )
     post_process: bool = field(
         default=False,
         metadata={"help": "same global colour jitter + JPEG for every training frame, real or fake"},

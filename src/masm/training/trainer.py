@@ -194,6 +194,8 @@ def _open_data(config: TrainConfig, train_data, val_data, test_data) -> _Data:
     if isinstance(source, str) and source.startswith("dfb:") and "@" not in source[4:]:
         source += "@train"  # a DeepfakeBench index trains on its train split unless told otherwise
     train = _as_index(source, "train", dict(common, frames_per_video=d.frames_train, balance=d.balance))
+    if d.pseudo_fakes.enabled and d.pseudo_fakes.real_only:
+        train = FrameIndex(train.name, [r for r in train.records if r.label == 0], train.source)
     _check_train_classes(train, d.pseudo_fakes.enabled)
     val = None
     val_source = val_data if val_data is not None else _val_spec(config)
