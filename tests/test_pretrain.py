@@ -26,7 +26,7 @@ def test_short_run_writes_a_loadable_backbone(short_run, monkeypatch):
     assert (short_run / "model.safetensors").is_file()
     recipe = json.loads((short_run / "recipe.json").read_text())
     assert (
-        recipe["steps"] == SHORT["steps"] and recipe["seed"] == 0 and recipe["objective"]["name"] == "simclr"
+        recipe["steps"] == SHORT["steps"] and recipe["seed"] == 0 and recipe["objective"]["name"] == "simmim"
     )
     assert np.isfinite(recipe["final_loss"]) and len(recipe["losses"]) == SHORT["steps"]
     assert not [p for p in short_run.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
@@ -98,6 +98,31 @@ def test_real_photo_crops_are_seeded_uint8_crops(tmp_path):
         )
     (tmp_path / "notes.txt").write_text("not an image")
     assert pretrain.real_photo_crops(3, 16, seed=0, real_dir=tmp_path).shape == (3, 16, 16, 3)
+
+
+def test_masked_patches_are_exactly_the_mask_ratio_and_targets_follow_token_order():
+    mask = pretrain.random_patch_mask(5, 64, torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 64) and (mask.sum(1) == round(pretrain.MASK_RATIO * 64)).all()
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    patches = pretrain.patchify(images, 8)
+    assert patches.shape == (2, 4, 3 * 64)
+    # token 1 is the top-right 8x8 patch (row-major, like the ViT's patch embedding)
+    assert torch.equal(patches[0, 1].view(3, 8, 8), images[0, :, :8, 8:])
+
+
+def test_reconstruction_loss_sees_the_visible_patches_too():
+    """The encoder must keep what context cannot predict: a change to a visible patch changes the loss."""
+    model = pretrain._new_backbone(0)
+    decoder = pretrain.PixelDecoder(model.config)
+    images = torch.from_numpy(pretrain.real_photo_crops(2, 64, seed=0)).permute(0, 3, 1, 2).float() / 255
+    loss = pretrain.masked_reconstruction_loss(model, decoder, images, torch.Generator().manual_seed(1))
+    mask = pretrain.random_patch_mask(2, 64, torch.Generator().manual_seed(1))
+    visible = int((~mask[0]).nonzero()[0])
+    noisy = images.clone()
+    row, col = divmod(visible, 8)
+    noisy[0, :, row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] += 0.2 * torch.randn(3, 8, 8)
+    again = pretrain.masked_reconstruction_loss(model, decoder, noisy, torch.Generator().manual_seed(1))
+    assert not torch.isclose(loss, again)
 
 
 def test_augmented_views_keep_shape_and_range():
