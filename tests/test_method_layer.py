@@ -100,7 +100,7 @@ def test_svd_cache_is_reused(tmp_path, monkeypatch):
     assert torch.equal(first.S, second.S) and len(list((tmp_path / "svd").iterdir())) == 1
 
 
-def _layer(guard="off", spectral="artifact", seed=0, guard_rank=0.5):
+def _layer(guard="off", spectral="artifact", seed=0, guard_rank=0.5):  # 0.5: both storage ways occur
     torch.manual_seed(seed)
     base = nn.Linear(20, 12)
     config = MASMConfig(
@@ -236,7 +236,9 @@ def _train_steps(layer, steps=300, seed=0):
     """AdamW with weight decay on a random regression target, re-projecting after each step."""
     torch.manual_seed(seed)
     target = nn.Linear(64, 64)
-    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in layer.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
     for _ in range(steps):
         x = torch.randn(32, 64)
         loss = (layer(x) - target(x).detach()).pow(2).mean()

@@ -84,10 +84,11 @@ def test_face_region_follows_the_landmarks_of_a_real_face():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(synth.FAMILIES))
 def test_global_statistics_of_online_pseudo_fakes_stay_near_chance(family):
+    from masm.demo.experiment import DEMO_STRENGTH
     from test_synth import GLOBAL_AUC_MAX, cv_auc, global_features, logistic
 
-    maker = _maker(families=[family], strength=3.0, post_process=True)
-    plain = _maker(probability=0.0, families=[family], strength=3.0, post_process=True)
+    maker = _maker(families=[family], strength=DEMO_STRENGTH, post_process=True)
+    plain = _maker(probability=0.0, families=[family], strength=DEMO_STRENGTH, post_process=True)
     fakes = np.stack([maker(c, np.random.default_rng([7, i]))[0] for i, c in enumerate(_crops(150, 2))])
     reals = np.stack([plain(c, np.random.default_rng([8, i]))[0] for i, c in enumerate(_crops(150, 3))])
     auc = cv_auc(global_features(reals / 255.0), global_features(fakes / 255.0), logistic())

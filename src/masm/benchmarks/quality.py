@@ -23,22 +23,29 @@ def _masm(**masm) -> dict:
 
 
 ABLATIONS: dict[str, tuple[str, dict]] = {
+    "masm guard=off": ("masm", _masm(semantic_guard="off")),
+    "masm r_g=r (guard over all)": ("masm", _masm(guard_rank=1.0)),
+    "masm no L_orth": ("masm", _masm(lambda_orth=0.0)),
+    "masm no L_spec": ("masm", _masm(lambda_spec=0.0)),
+    "masm no mask": ("masm", _masm(mask={"enabled": False})),
+}
+# Further ablations, run with --more-ablations (each costs as much as a method).
+MORE_ABLATIONS: dict[str, tuple[str, dict]] = {
     "masm K=2": ("masm", _masm(num_subspaces=2)),
     "masm K=8": ("masm", _masm(num_subspaces=8)),
     "masm m=2": ("masm", _masm(subspace_rank=2)),
     "masm m=8": ("masm", _masm(subspace_rank=8)),
-    "masm no L_orth": ("masm", _masm(lambda_orth=0.0)),
-    "masm no L_spec": ("masm", _masm(lambda_spec=0.0)),
-    "masm guard=off": ("masm", _masm(semantic_guard="off")),
     "masm no layer selection": ("masm", _masm(mask={"layer_selection": False})),
     "masm no subspace balance": ("masm", _masm(mask={"subspace_balance": False})),
-    "masm no mask": ("masm", _masm(mask={"enabled": False})),
 }
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-quality"), help="output directory")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel, one process and one thread each"
+    )
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter methods")
@@ -51,11 +58,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--no-ablations", action="store_true", help="skip the MASM ablations")
+    parser.add_argument("--more-ablations", action="store_true", help="also K, m and mask-rule ablations")
     parser.add_argument("--train-families", default="blend,splice,resample", help="families seen in training")
 
 
 def run(args) -> int:
-    from ..demo.experiment import DataSettings, RunSettings, prepare_data, run_method
+    from ..demo.experiment import DataSettings, RunSettings, prepare_data
     from ..demo.run import ensure_demo_backbone
     from ..errors import MasmError
     from .speed import machine_info
@@ -79,21 +87,25 @@ def run(args) -> int:
     plan = [(m, m, {}) for m in methods]
     if not args.no_ablations:
         plan += [(name, method, overrides) for name, (method, overrides) in ABLATIONS.items()]
+        if args.more_ablations:
+            plan += [(name, method, overrides) for name, (method, overrides) in MORE_ABLATIONS.items()]
+    jobs = [
+        (label, method, overrides, seed, args.out / "runs" / _slug(label) / f"seed{seed}")
+        for label, method, overrides in plan
+        for seed in range(args.seeds)
+    ]
     runs = []
     start = time.perf_counter()
-    for label, method, overrides in plan:
-        for seed in range(args.seeds):
-            out = args.out / "runs" / label.replace(" ", "_").replace("=", "") / f"seed{seed}"
-            result = run_method(method, splits, out, settings, seed=seed, overrides=overrides)
-            result.pop("evaluation")
-            result["label"] = label
-            runs.append(result)
-            print(
-                f"{label:28s} seed {seed}: in-dist AUC {result['indist_auc']:.4f}  held-out AUC "
-                f"{result['heldout_auc']:.4f}  unseen photos {result['unseen_auc']:.4f}  "
-                f"({result['train_seconds']:.0f} s)",
-                flush=True,
-            )
+    for result in _run_all(jobs, splits, settings, args.jobs):
+        runs.append(result)
+        print(
+            f"{result['label']:28s} seed {result['seed']}: in-dist AUC {result['indist_auc']:.4f}  held-out "
+            f"AUC {result['heldout_auc']:.4f}  unseen photos {result['unseen_auc']:.4f}  "
+            f"({result['train_seconds']:.0f} s)",
+            flush=True,
+        )
+    order = {(label, seed): i for i, (label, _, _, seed, _) in enumerate(jobs)}
+    runs.sort(key=lambda r: order[(r["label"], r["seed"])])
     summary = summarize(runs)
     meta = {
         "command": "masm bench quality " + " ".join(_argv(args)),
@@ -114,6 +126,43 @@ def run(args) -> int:
     print(table)
     print(f"wrote {args.out / 'quality.md'} and {args.out / 'quality.json'}")
     return 0
+
+
+def _slug(label: str) -> str:
+    return label.replace(" ", "_").replace("=", "")
+
+
+def _one_run(job, splits, settings, threads: int | None) -> dict:
+    from ..demo.experiment import run_method
+
+    if threads is not None:  # a worker process: one intra-op thread each, so workers do not fight
+        import torch
+
+        torch.set_num_threads(threads)
+    label, method, overrides, seed, out = job
+    result = run_method(method, splits, out, settings, seed=seed, overrides=overrides)
+    result.pop("evaluation")
+    result["label"] = label
+    return result
+
+
+def _run_all(jobs, splits, settings, workers: int):
+    """Results of every run, in completion order; ``workers`` > 1 runs them in that many processes.
+
+    Each run is seeded and single-threaded in a worker, so a result does not depend on ``workers``.
+    """
+    if workers <= 1:
+        for job in jobs:
+            yield _one_run(job, splits, settings, None)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_one_run, job, splits, settings, 1) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
@@ -153,13 +202,20 @@ def format_summary(summary: dict[str, dict]) -> str:
 
 
 def _argv(args) -> list[str]:
-    return [
-        f"--seeds {args.seeds}",
-        f"--steps {args.steps}",
-        f"--lr {args.lr}",
-        f"--train-reals {args.train_reals}",
-        f"--eval-per-family {args.eval_per_family}",
-        f"--size {args.size}",
-        f"--strength {args.strength}",
-        f"--backbone {args.backbone}",
-    ] + (["--no-ablations"] if args.no_ablations else [])
+    return (
+        [
+            f"--seeds {args.seeds}",
+            f"--jobs {args.jobs}",
+            f"--steps {args.steps}",
+            f"--lr {args.lr}",
+            f"--train-reals {args.train_reals}",
+            f"--eval-per-family {args.eval_per_family}",
+            f"--size {args.size}",
+            f"--strength {args.strength}",
+            f"--backbone {args.backbone}",
+            f"--train-families {args.train_families}",
+            f"--methods {args.methods}",
+        ]
+        + (["--no-ablations"] if args.no_ablations else [])
+        + (["--more-ablations"] if args.more_ablations else [])
+    )

@@ -14,10 +14,12 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     parser.add_argument("--quick", action="store_true", help="smaller data and budget (about 3 minutes)")
     parser.add_argument(
-        "--baseline", default="effort", help="baseline method to compare with (default: effort)"
+        "--baseline",
+        help="baseline method to compare with (default: effort; none with --quick, which trains MASM alone)",
     )
     parser.add_argument("--steps", type=int, help="override the number of training steps")
-    parser.add_argument("--per-family", type=int, help="override the synthetic fakes per family")
+    parser.add_argument("--train-reals", type=int, help="override the number of real training crops")
+    parser.add_argument("--eval-per-family", type=int, help="override the fakes per family of each test set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
@@ -30,12 +32,16 @@ def _run(args) -> int:
     from ..errors import MasmError
     from ..models import METHODS
 
-    if args.baseline not in METHODS or args.baseline == "masm":
+    if args.baseline is not None and (args.baseline not in METHODS or args.baseline == "masm"):
         raise MasmError(f"--baseline must be one of {', '.join(m for m in METHODS if m != 'masm')}")
-    settings = replace(QUICK if args.quick else FULL, baseline=args.baseline, seed=args.seed)
+    settings = replace(QUICK if args.quick else FULL, seed=args.seed)
+    if args.baseline is not None:
+        settings = replace(settings, baseline=args.baseline)
     if args.steps:
         settings = replace(settings, steps=args.steps)
-    if args.per_family:
-        settings = replace(settings, per_family=args.per_family)
+    if args.train_reals:
+        settings = replace(settings, train_reals=args.train_reals)
+    if args.eval_per_family:
+        settings = replace(settings, eval_per_family=args.eval_per_family)
     run_demo(args.out, settings, progress=not args.no_progress)
     return 0
