@@ -89,3 +89,10 @@ def test_attention_weight_change_is_the_relative_frobenius_distance():
 def test_demo_rejects_an_unknown_baseline(capsys):
     assert main(["demo", "--baseline", "nope"]) == 2
     assert "--baseline must be one of" in capsys.readouterr().err
+
+
+def test_quality_benchmark_trains_on_the_demo_families_by_default():
+    from masm.benchmarks.quality import TRAIN_FAMILIES
+    from masm.demo.experiment import DEFAULT_TRAIN_FAMILIES
+
+    assert TRAIN_FAMILIES.split(",") == list(DEFAULT_TRAIN_FAMILIES)

@@ -40,6 +40,10 @@ MORE_ABLATIONS: dict[str, tuple[str, dict]] = {
 }
 
 
+# = masm.demo.experiment.DEFAULT_TRAIN_FAMILIES (not imported here: `masm --help` must not load torch)
+TRAIN_FAMILIES = "blend,resample,double_jpeg"
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-quality"), help="output directory")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
@@ -59,7 +63,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--no-ablations", action="store_true", help="skip the MASM ablations")
     parser.add_argument("--more-ablations", action="store_true", help="also K, m and mask-rule ablations")
-    parser.add_argument("--train-families", default="blend,splice,resample", help="families seen in training")
+    parser.add_argument(
+        "--train-families",
+        default=TRAIN_FAMILIES,
+        help="families seen in training (the others are held out)",
+    )
 
 
 def run(args) -> int:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import from_dict
-from ..errors import ConfigError
 from .backbones import LoadedBackbone, backbone_fingerprint, open_backbone
 from .families import BackboneFamily, family_of
 from .methods import MethodConfig, apply_method, merge_method, method_config, resolve_targets
