@@ -81,9 +81,8 @@ def total_loss(
             weight = config.lambda_orth if name == "orth" else config.lambda_spec
             loss = loss + weight * value
             logged[name] = value.detach()
-    auxiliary = getattr(
-        model, "auxiliary_losses", None
-    )  # feature losses of the method (ln-tune's GenD terms)
+    # feature losses of the method (ln-tune's GenD alignment and uniformity terms)
+    auxiliary = getattr(model, "auxiliary_losses", None)
     if auxiliary is not None:
         for name, (weight, value) in auxiliary(labels).items():
             loss = loss + weight * value
