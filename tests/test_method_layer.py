@@ -141,13 +141,31 @@ def test_hand_written_backward_matches_autograd_of_the_formula(bias):
     assert torch.allclose(_LowRankLinear.apply(x, weight, b, U, s, V), reference)
 
 
-def test_autocast_keeps_the_low_rank_path_in_the_factors_precision():
+def test_bf16_autocast_runs_the_hand_written_backward_and_matches_fp32(monkeypatch):
+    from masm.method import layer as layer_module
+
+    calls = []
+    original = layer_module._LowRankLinear.backward
+
+    def counting(ctx, grad):
+        calls.append(grad.dtype)
+        return original(ctx, grad)
+
+    monkeypatch.setattr(layer_module._LowRankLinear, "backward", staticmethod(counting))
     layer, base = _layer()
     x = torch.randn(5, 20)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), base(x), atol=0.05)
+    out.float().pow(2).sum().backward()
+    assert calls == [torch.bfloat16]  # the custom Function, not plain autograd, in the autocast dtype
+    bf16_grads = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+    assert all(g.dtype == torch.float32 for g in bf16_grads)  # fp32 factors get fp32 gradients
+    layer.zero_grad()
+    layer(x).pow(2).sum().backward()
+    for got, want in zip(bf16_grads, [p.grad for p in layer.parameters() if p.requires_grad]):
+        assert torch.allclose(got, want, rtol=0.1, atol=0.1 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("guard", ["off", "penalty"])

@@ -11,7 +11,6 @@ full-size weight gradient.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import MASMConfig
@@ -88,11 +87,21 @@ class MASMLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         U, s, V = self.artifact_factors()
-        if torch.is_autocast_enabled(x.device.type) or x.dtype != U.dtype:
-            # Mixed precision: the frozen matmul in the autocast dtype, the low-rank path in the factors'.
-            out = F.linear(x, self.weight_sem, self.bias)
-            return out + ((x.to(V.dtype) @ (V * s)) @ U.T).to(out.dtype)
-        return _LowRankLinear.apply(x, self.weight_sem, self.bias, U, s, V)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Mixed precision: everything in the autocast dtype, through the same hand-written backward
+            # (autocast would otherwise leave the custom Function and fall back to plain autograd). The
+            # casts of the fp32 factors are differentiable, so their gradients arrive in fp32.
+            dtype = torch.get_autocast_dtype(device)
+            weight = self.weight_sem.to(dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return _LowRankLinear.apply(x.to(dtype), weight, bias, U.to(dtype), s.to(dtype), V.to(dtype))
+        weight, bias = self.weight_sem, self.bias
+        if x.dtype != U.dtype:  # e.g. a half-precision backbone without autocast: compute in x's dtype
+            U, s, V, weight = U.to(x.dtype), s.to(x.dtype), V.to(x.dtype), weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        return _LowRankLinear.apply(x, weight, bias, U, s, V)
 
     def merged_weight(self) -> torch.Tensor:
         U, s, V = self.artifact_factors()
