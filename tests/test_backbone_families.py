@@ -165,9 +165,9 @@ def test_fingerprint_and_checkpoint_keys_do_not_depend_on_vision_model_nesting(t
         {k.replace("backbone.", "backbone.vision_model.", 1): v for k, v in tensors.items()}, str(weights)
     )
     config = json.loads((ckpt / "config.json").read_text())
-    from masm.models.checkpoint import _sha256
+    from masm.models.checkpoint import file_sha256
 
-    config["sha256"]["model.safetensors"] = _sha256(weights)
+    config["sha256"]["model.safetensors"] = file_sha256(weights)
     (ckpt / "config.json").write_text(json.dumps(config))
     x = _x(32)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from masm.errors import CheckpointError
 from masm.models import create_detector, load_checkpoint, save_checkpoint
-from masm.models.checkpoint import _sha256
+from masm.models.checkpoint import file_sha256
 
 
 def _trained(method="masm"):
@@ -62,7 +62,7 @@ def test_tampered_or_truncated_weights_are_refused_with_the_file_named(tmp_path)
 def _rewrite(ckpt, tensors):
     save_file(tensors, str(ckpt / "model.safetensors"))
     config = json.loads((ckpt / "config.json").read_text())
-    config["sha256"]["model.safetensors"] = _sha256(ckpt / "model.safetensors")
+    config["sha256"]["model.safetensors"] = file_sha256(ckpt / "model.safetensors")
     (ckpt / "config.json").write_text(json.dumps(config))
 
 

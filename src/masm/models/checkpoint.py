@@ -75,7 +75,7 @@ def save_checkpoint(
         "model": to_dict(detector.config),
         "backbone_config": detector.backbone.config.to_dict(),
         "backbone_fingerprint": detector.backbone_fingerprint,
-        "sha256": {name: _sha256(tmp / name) for name in files},
+        "sha256": {name: file_sha256(tmp / name) for name in files},
         "info": info or {},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
@@ -104,7 +104,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
         file = directory / name
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in {CONFIG_FILE} but missing")
-        if _sha256(file) != expected:
+        if file_sha256(file) != expected:
             raise CheckpointError(f"{file}: checksum mismatch, the file was modified or truncated")
     config["directory"] = str(directory)
     return config
@@ -208,7 +208,7 @@ def _load_tensors(detector: Detector, path: Path, *, require_all: bool) -> None:
     detector.load_state_dict(tensors, strict=require_all)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

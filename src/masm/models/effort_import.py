@@ -22,7 +22,6 @@ parameter names). Written from that specification; no Effort code is used.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -36,7 +35,7 @@ from torch import nn
 from ..errors import MasmError
 from ..method.apply import masm_layers
 from .backbones import LoadedBackbone, build_architecture
-from .checkpoint import save_checkpoint
+from .checkpoint import file_sha256, save_checkpoint
 from .detector import Detector, build_detector
 from .methods import method_config
 from .preprocessing import FaceCropConfig, Preprocessing
@@ -175,7 +174,7 @@ def import_effort(
         "imported_from": {
             "format": "effort",
             "file": str(Path(ckpt_path).resolve()),
-            "sha256": _sha256(Path(ckpt_path)),
+            "sha256": file_sha256(Path(ckpt_path)),
             "adapted_layers": len(ckpt.layers),
             "residual_rank": ckpt.residual_rank,
             "notes": ckpt.notes,
@@ -339,11 +338,3 @@ def _strip(key: str, prefix: str) -> str:
 
 def _first_line(lines: list[str]) -> str:
     return next((line.strip() for line in lines if line.strip()), "unreadable")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
