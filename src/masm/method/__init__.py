@@ -10,7 +10,7 @@ from .apply import (
 )
 from .config import MaskConfig, MASMConfig
 from .layer import MASMLinear
-from .losses import regularizers, total_loss
+from .losses import layer_groups, regularizers, total_loss
 from .mask import SelectiveMaskController
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "apply_masm",
     "count_masm_parameters",
     "find_targets",
+    "layer_groups",
     "masm_layers",
     "merge_masm",
     "regularizers",

@@ -62,13 +62,13 @@ def merge_masm(model: nn.Module) -> nn.Module:
     return model
 
 
-def reproject_guarded(model: nn.Module) -> None:
+def reproject_guarded(model: nn.Module, layers: list[MASMLinear] | None = None) -> None:
     """After an optimizer step: project every updated artifact factor out of its guarded directions.
 
     Only ``semantic_guard: project`` layers do anything; subspaces without a gradient (paused by the
-    selective mask) are left untouched.
+    selective mask) are left untouched. ``layers``: the model's MASM layers, if the caller keeps them.
     """
-    for _, layer in masm_layers(model):
+    for layer in layers if layers is not None else [m for _, m in masm_layers(model)]:
         layer.reproject_()
 
 

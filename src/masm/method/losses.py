@@ -12,27 +12,38 @@ from .apply import masm_layers
 from .config import MASMConfig
 
 
-def regularizers(model: nn.Module, config: MASMConfig) -> dict[str, torch.Tensor]:
+def layer_groups(model: nn.Module) -> list[list]:
+    """The model's MASM layers grouped by shape (what the batched regularisers stack).
+
+    Computed once by a trainer and passed to :func:`total_loss`, so a step does not walk the module tree.
+    """
+    groups: dict[tuple, list] = defaultdict(list)
+    for _, layer in masm_layers(model):
+        key = (layer.out_features, layer.in_features, layer.num_subspaces, layer.subspace_rank)
+        groups[key].append(layer)
+    return list(groups.values())
+
+
+def regularizers(
+    model: nn.Module, config: MASMConfig, groups: list[list] | None = None
+) -> dict[str, torch.Tensor]:
     """Layer-averaged ``orth`` and ``spec`` terms (unweighted). Terms whose weight is 0 are not computed.
 
-    Layers of equal shape are stacked and handled by batched matmuls / QR / SVD, so ViT-L/14's 96 layers
-    cost a few kernel launches instead of hundreds; the result equals the mean of each layer's own
-    :meth:`~masm.method.MASMLinear.orthogonality_loss` / ``spectral_loss``.
+    Layers of equal shape are stacked and handled by batched matmuls / Cholesky / SVD, so ViT-L/14's 96
+    layers cost a few kernel launches instead of hundreds; the result equals the mean of each layer's own
+    :meth:`~masm.method.MASMLinear.orthogonality_loss` / ``spectral_loss``. ``groups``: from
+    :func:`layer_groups` (default: computed here).
     """
-    layers = [layer for _, layer in masm_layers(model)]
+    groups = layer_groups(model) if groups is None else groups
+    layers = [layer for group in groups for layer in group]
     terms: dict[str, torch.Tensor] = {}
     if not layers:
         return terms
-    groups: dict[tuple, list] = defaultdict(list)
-    for layer in layers:
-        groups[(layer.out_features, layer.in_features, layer.num_subspaces, layer.subspace_rank)].append(
-            layer
-        )
     if config.lambda_orth:
-        terms["orth"] = torch.cat([_orthogonality(group) for group in groups.values()]).mean()
+        terms["orth"] = torch.cat([_orthogonality(group) for group in groups]).mean()
     if config.lambda_spec:
         if config.spectral_mode == "artifact":
-            terms["spec"] = torch.cat([_artifact_spectrum(group) for group in groups.values()]).mean()
+            terms["spec"] = torch.cat([_artifact_spectrum(group) for group in groups]).mean()
         else:
             terms["spec"] = torch.stack(
                 [layer.spectral_loss(config.spectral_mode) for layer in layers]
@@ -71,13 +82,17 @@ def _artifact_spectrum(layers: list) -> torch.Tensor:
 
 
 def total_loss(
-    logits: torch.Tensor, labels: torch.Tensor, model: nn.Module, config: MASMConfig | None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    model: nn.Module,
+    config: MASMConfig | None,
+    groups: list[list] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training objective and each of its terms (detached, so logging does not force a device sync)."""
     loss = F.cross_entropy(logits.float(), labels)
     logged = {"cls": loss.detach()}
     if config is not None:
-        for name, value in regularizers(model, config).items():
+        for name, value in regularizers(model, config, groups).items():
             weight = config.lambda_orth if name == "orth" else config.lambda_spec
             loss = loss + weight * value
             logged[name] = value.detach()

@@ -42,7 +42,7 @@ from ..data.transforms import build_transform, resize_square
 from ..errors import CheckpointError, ConfigError, DataError, MasmError
 from ..evaluation.evaluate import Shard, evaluate_detector, metrics_for, score_sharded
 from ..evaluation.metrics import mean_over_datasets
-from ..method import SelectiveMaskController, reproject_guarded, total_loss
+from ..method import SelectiveMaskController, layer_groups, reproject_guarded, total_loss
 from ..models.checkpoint import load_checkpoint, load_extra_tensors, read_checkpoint_config, save_checkpoint
 from ..models.detector import Detector, create_detector
 from ..precision import autocast_for, configure_matmul_precision
@@ -308,6 +308,7 @@ class _Run:
         self.detector.to(env.device).train()
         masm_cfg = cfg.model.method.masm_config
         self.masm_cfg = masm_cfg
+        self.layer_groups = layer_groups(self.detector)  # found once, not by a module walk every step
         self.controller = None
         if masm_cfg is not None and masm_cfg.mask.enabled:
             self.controller = SelectiveMaskController(self.detector, masm_cfg.mask, self.out / "masks.jsonl")
@@ -548,7 +549,7 @@ class _Run:
         with context:
             with autocast_for(env.device, cfg.precision):
                 logits = self.model(pixels)
-            loss, terms = total_loss(logits, labels, self.detector, self.masm_cfg)
+            loss, terms = total_loss(logits, labels, self.detector, self.masm_cfg, self.layer_groups)
             (loss / group_size).backward()
         self.group_terms.append(terms)
         return terms
@@ -600,7 +601,8 @@ class _Run:
                 self.detector.trainable_parameters(), self.config.optim.max_grad_norm
             )
         self.optimizer.step()
-        reproject_guarded(self.detector)  # the semantic guard holds exactly after Adam and weight decay
+        # the semantic guard holds exactly after Adam and weight decay
+        reproject_guarded(self.detector, [layer for group in self.layer_groups for layer in group])
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
