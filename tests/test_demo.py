@@ -91,8 +91,9 @@ def test_demo_rejects_an_unknown_baseline(capsys):
     assert "--baseline must be one of" in capsys.readouterr().err
 
 
-def test_quality_benchmark_trains_on_the_demo_families_by_default():
-    from masm.benchmarks.quality import TRAIN_FAMILIES
-    from masm.demo.experiment import DEFAULT_TRAIN_FAMILIES
+def test_quality_benchmark_defaults_are_the_demos_settings():
+    from masm.benchmarks.quality import LR, STRENGTH, TRAIN_FAMILIES
+    from masm.demo.experiment import DEFAULT_TRAIN_FAMILIES, DEMO_STRENGTH, RunSettings
 
     assert TRAIN_FAMILIES.split(",") == list(DEFAULT_TRAIN_FAMILIES)
+    assert STRENGTH == DEMO_STRENGTH and LR == RunSettings().lr

@@ -40,8 +40,11 @@ MORE_ABLATIONS: dict[str, tuple[str, dict]] = {
 }
 
 
-# = masm.demo.experiment.DEFAULT_TRAIN_FAMILIES (not imported here: `masm --help` must not load torch)
+# The demo's settings (masm.demo.experiment: DEFAULT_TRAIN_FAMILIES, DEMO_STRENGTH, RunSettings.lr), not
+# imported here because `masm --help` must not load torch; a test keeps them equal.
 TRAIN_FAMILIES = "blend,resample,double_jpeg"
+STRENGTH = 5.0
+LR = 3e-3
 
 
 def add_arguments(parser) -> None:
@@ -52,11 +55,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter methods")
+    parser.add_argument("--lr", type=float, default=LR, help="learning rate of the adapter methods")
     parser.add_argument("--train-reals", type=int, default=4000, help="real training crops")
     parser.add_argument("--eval-per-family", type=int, default=150, help="fakes per family of each test set")
     parser.add_argument("--size", type=int, default=64, help="crop size")
-    parser.add_argument("--strength", type=float, default=3.0, help="artifact magnitude of the forgeries")
+    parser.add_argument(
+        "--strength", type=float, default=STRENGTH, help="artifact magnitude of the forgeries"
+    )
     parser.add_argument(
         "--backbone", default="demo-clip", help="backbone (default: the demo's pretrained one)"
     )
