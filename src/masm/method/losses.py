@@ -39,11 +39,13 @@ def regularizers(
     terms: dict[str, torch.Tensor] = {}
     if not layers:
         return terms
+    # The factors of every layer once (projected where the guard projects), shared by both terms.
+    factors = [[layer.artifact_factors() for layer in group] for group in groups]
     if config.lambda_orth:
-        terms["orth"] = torch.cat([_orthogonality(group) for group in groups]).mean()
+        terms["orth"] = torch.cat([_orthogonality(g, f) for g, f in zip(groups, factors)]).mean()
     if config.lambda_spec:
         if config.spectral_mode == "artifact":
-            terms["spec"] = torch.cat([_artifact_spectrum(group) for group in groups]).mean()
+            terms["spec"] = torch.cat([_artifact_spectrum(g, f) for g, f in zip(groups, factors)]).mean()
         else:
             terms["spec"] = torch.stack(
                 [layer.spectral_loss(config.spectral_mode) for layer in layers]
@@ -51,9 +53,8 @@ def regularizers(
     return terms
 
 
-def _orthogonality(layers: list) -> torch.Tensor:
+def _orthogonality(layers: list, factors: list) -> torch.Tensor:
     """Per-layer orthogonality loss of same-shape layers, batched."""
-    factors = [layer.artifact_factors() for layer in layers]  # projected where the guard projects
     U = torch.stack([u for u, _, _ in factors])  # L × d_out × Km
     V = torch.stack([v for _, _, v in factors])
     eye = torch.eye(U.shape[-1], device=U.device, dtype=U.dtype)
@@ -63,10 +64,9 @@ def _orthogonality(layers: list) -> torch.Tensor:
     return loss / U.shape[-1]
 
 
-def _artifact_spectrum(layers: list) -> torch.Tensor:
+def _artifact_spectrum(layers: list, factors: list) -> torch.Tensor:
     """Per-layer artifact spectral loss of same-shape layers, batched over layers and subspaces."""
     K, m = layers[0].num_subspaces, layers[0].subspace_rank
-    factors = [layer.artifact_factors() for layer in layers]
     U = torch.stack([u for u, _, _ in factors]).unflatten(-1, (K, m)).movedim(-2, 1).flatten(0, 1)
     V = torch.stack([v for _, _, v in factors]).unflatten(-1, (K, m)).movedim(-2, 1).flatten(0, 1)
     s = torch.stack([x for _, x, _ in factors]).view(-1, m)  # (L·K) × m; U, V: (L·K) × d × m
