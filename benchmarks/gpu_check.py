@@ -212,7 +212,7 @@ def _train_steps(detector, x, y, precision: str, args: argparse.Namespace) -> di
     """What the trainer does per optimizer step: forward, loss, backward, mask, Adam, guard."""
     import torch
 
-    from masm.method import SelectiveMaskController, reproject_guarded, total_loss
+    from masm.method import SelectiveMaskController, layer_groups, subspace_update, total_loss
     from masm.precision import autocast_for
     from masm.training.trainer import make_optimizer
 
@@ -222,6 +222,8 @@ def _train_steps(detector, x, y, precision: str, args: argparse.Namespace) -> di
     controller = None
     if masm_config is not None and masm_config.mask.enabled:
         controller = SelectiveMaskController(detector, masm_config.mask)
+    groups = layer_groups(detector)
+    layers = [layer for group in groups for layer in group]
     losses, grads, times, logits_dtype = [], [], [], None
     for step in range(args.steps):
         _sync(x.device)
@@ -229,7 +231,7 @@ def _train_steps(detector, x, y, precision: str, args: argparse.Namespace) -> di
         optimizer.zero_grad(set_to_none=True)
         with autocast_for(x.device, precision):
             logits = detector(x)
-        loss, _ = total_loss(logits, y, detector, masm_config)
+        loss, _ = total_loss(logits, y, detector, masm_config, groups)
         loss.backward()
         if step == 0:
             logits_dtype = str(logits.dtype)
@@ -237,10 +239,8 @@ def _train_steps(detector, x, y, precision: str, args: argparse.Namespace) -> di
                 (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().clone()
                 for p in params
             ]
-        if controller is not None:
-            controller.step()
-        optimizer.step()
-        reproject_guarded(detector)
+        with subspace_update(detector, optimizer, controller, layers):
+            optimizer.step()
         _sync(x.device)
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))

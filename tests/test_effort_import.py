@@ -132,7 +132,7 @@ def test_unmerged_k1_detector_maps_factors_exactly(tmp_path):
         if k.startswith("backbone.encoder.layers.0.self_attn.q_proj.")
     }
     assert torch.equal(layer.weight_sem, effort["weight_main"])
-    assert torch.equal(layer.V[0], effort["V_residual"].T) and torch.equal(layer.s[0], effort["S_residual"])
+    assert torch.equal(layer.V, effort["V_residual"].T) and torch.equal(layer.s, effort["S_residual"])
     x = _x()
     assert (detector.score(x) - reference_scores(state, x)).abs().max().item() <= 1e-4
     # Trains as masm's Effort: the residual factors and the head only.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from masm import MaskConfig, MASMConfig, SelectiveMaskController, apply_masm
+from masm.method import subspace_update
 from masm.models import load_backbone
 
 
@@ -17,11 +18,14 @@ def _model(K=2, m=2):
 
 
 def _set_grads(controller, fn):
-    """Give every subspace parameter the gradient fn(layer_index, k, param_shape)."""
+    """Give every subspace's factors the gradient fn(layer_index, k, shape of the factor's columns)."""
     for i, (_, layer) in enumerate(controller.layers):
+        for p in (layer.U, layer.s, layer.V):
+            p.grad = torch.zeros_like(p)
         for k in range(controller.num_subspaces):
-            for p in layer.subspace_parameters(k):
-                p.grad = fn(i, k, p.shape)
+            cols = layer.subspace_columns(k)
+            for p in (layer.U, layer.s, layer.V):
+                p.grad[..., cols] = fn(i, k, p[..., cols].shape)
 
 
 def test_learning_state_matches_the_formula_on_synthetic_gradients():
@@ -97,51 +101,84 @@ def test_at_least_one_subspace_stays_active_in_a_selected_layer():
     assert mask.sum(1).tolist() == [1] * 16 and mask[:, 1].all()
 
 
+def _adam(model):
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
 def test_mask_is_recomputed_after_warmup_at_each_interval(tmp_path):
     log = tmp_path / "masks.jsonl"
-    controller = SelectiveMaskController(_model(), MaskConfig(warmup=3, interval=2), log_path=log)
+    model = _model()
+    optimizer = _adam(model)
+    controller = SelectiveMaskController(model, MaskConfig(warmup=3, interval=2), log_path=log)
     for _ in range(8):
         _set_grads(controller, lambda i, k, s: torch.randn(s) + (i % 3))
-        controller.step()
+        controller.step(optimizer)
+        optimizer.step()
+        controller.restore()
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == [3, 5, 7]
     record = json.loads(log.read_text().splitlines()[0])
     assert len(record["layers"]) == len(record["rho"]) == len(record["mask"]) == 16
 
 
-def test_masked_subspace_keeps_values_and_adam_state_while_unmasked_one_moves():
+def test_a_partly_paused_layer_needs_the_optimizer():
+    controller = SelectiveMaskController(_model(), MaskConfig(warmup=0, interval=1000))
+    _set_grads(controller, lambda i, k, s: torch.randn(s))
+    controller.mask[:] = True
+    controller.mask[0, 0] = False
+    with pytest.raises(ValueError, match="pass the optimizer"):
+        controller.apply(None)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["adam", "adamw-foreach"])
+def test_masked_subspace_keeps_values_and_adam_state_while_unmasked_one_moves(optimizer_kind):
     model = _model(K=2, m=2)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    controller = SelectiveMaskController(model, MaskConfig(warmup=0, interval=1000))
+    if optimizer_kind == "adam":
+        optimizer = torch.optim.Adam(params, lr=1e-2)
+    else:  # weight decay moves every column it touches; the paused ones must not move all the same
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
+    controller = SelectiveMaskController(model, MaskConfig(warmup=5, interval=1000))  # no update in 2 steps
     x = torch.randn(2, 3, 32, 32)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         model(pixel_values=x).pooler_output.pow(2).sum().backward()
-        controller.step()
-        optimizer.step()
+        with subspace_update(model, optimizer, controller):
+            optimizer.step()
 
-    step()  # step 0 computes the first mask; give Adam state to every parameter
+    step()  # nothing paused yet: Adam state for every parameter
     controller.mask[:] = True
-    controller.mask[0, 0] = False
-    layer = controller.layers[0][1]
-    frozen, moving = layer.subspace_parameters(0), layer.subspace_parameters(1)
-    snapshot = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()}) for p in frozen]
-    moving_before = [p.detach().clone() for p in moving]
+    controller.mask[0, 0] = False  # layer 0: subspace 0 paused, subspace 1 trains
+    controller.mask[1, :] = False  # layer 1: paused whole
+    layers = [layer for _, layer in controller.layers]
+
+    def columns(layer, k):  # every tensor of subspace k: its values and each Adam moment
+        cols = layer.subspace_columns(k)
+        out = []
+        for p in (layer.U, layer.s, layer.V):
+            out.append(p.detach()[..., cols].clone())
+            out += [t[..., cols].clone() for t in optimizer.state[p].values() if t.shape == p.shape]
+        return out
+
+    paused = columns(layers[0], 0) + columns(layers[1], 0) + columns(layers[1], 1)
+    moving = columns(layers[0], 1)
     step()
-    for p, (value, state) in zip(frozen, snapshot):
-        assert torch.equal(p, value)
-        assert all(torch.equal(optimizer.state[p][k], v) for k, v in state.items())
-    assert any(not torch.equal(p, b) for p, b in zip(moving, moving_before))
+    after = columns(layers[0], 0) + columns(layers[1], 0) + columns(layers[1], 1)
+    assert all(torch.equal(a, b) for a, b in zip(paused, after))
+    assert all(not torch.equal(a, b) for a, b in zip(moving, columns(layers[0], 1)))
+    assert len(paused) == len(after) == 3 * 9  # values and two Adam moments of U, s and V, per subspace
+    assert float(optimizer.state[layers[1].U]["step"]) == 1  # a layer paused whole: Adam skipped it
 
 
 def test_controller_state_round_trips():
     model = _model()
+    optimizer = _adam(model)
     a = SelectiveMaskController(model, MaskConfig(warmup=1, interval=1))
     for _ in range(4):
         _set_grads(a, lambda i, k, s: torch.randn(s))
-        a.step()
+        a.step(optimizer)
+        a.restore()
     b = SelectiveMaskController(model, MaskConfig(warmup=1, interval=1))
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.mask, b.mask) and torch.equal(a.learning_state(), b.learning_state())

@@ -5,7 +5,7 @@ process and timed round-robin (one step of each method per round, the order rota
 machine's drift over minutes does not enter the ratios. Memory is measured for each method in its own
 fresh process, so that its peak is its own. Every method trains on the same random batch. A training step
 is what the trainer does: forward, the method's full loss (MASM's regularisers included), backward, the
-selective mask, Adam (the trainer's multi-tensor Adam). Compared:
+selective mask and semantic guard around Adam (the trainer's multi-tensor Adam). Compared:
 
 * ``masm``: K=4, m=4 subspaces on the attention projections, low-rank forward;
 * ``effort-reference``: Effort's reference formula, ``W_main + U diag(S) Vᵀ`` rebuilt every forward
@@ -238,6 +238,11 @@ class _TrainingStep:
         self.y = torch.randint(0, 2, (settings.batch_size,), generator=generator).to(device)
         self.params = self.detector.trainable_parameters()
         self.optimizer = make_optimizer(self.params, "adam", lr=1e-4)  # the trainer's optimizer
+        from ..method import layer_groups
+
+        # what the trainer keeps: the MASM layers, grouped by shape for the batched regularisers
+        self.groups = layer_groups(self.detector)
+        self.layers = [layer for group in self.groups for layer in group]
         self.controller = None
         if self.masm_config is not None and self.masm_config.mask.enabled:
             from ..method import SelectiveMaskController
@@ -245,14 +250,14 @@ class _TrainingStep:
             self.controller = SelectiveMaskController(self.detector, self.masm_config.mask)
 
     def __call__(self) -> None:
-        from ..method import total_loss
+        from ..method import subspace_update, total_loss
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = total_loss(self.detector(self.x), self.y, self.detector, self.masm_config)
+        logits = self.detector(self.x)
+        loss, _ = total_loss(logits, self.y, self.detector, self.masm_config, self.groups)
         loss.backward()
-        if self.controller is not None:
-            self.controller.step()
-        self.optimizer.step()
+        with subspace_update(self.detector, self.optimizer, self.controller, self.layers):
+            self.optimizer.step()
         _sync(self.device)
 
 

@@ -6,7 +6,9 @@ from .apply import (
     find_targets,
     masm_layers,
     merge_masm,
+    project_gradients,
     reproject_guarded,
+    subspace_update,
 )
 from .config import MaskConfig, MASMConfig
 from .layer import MASMLinear
@@ -24,7 +26,9 @@ __all__ = [
     "layer_groups",
     "masm_layers",
     "merge_masm",
+    "project_gradients",
     "regularizers",
     "reproject_guarded",
+    "subspace_update",
     "total_loss",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -62,14 +63,49 @@ def merge_masm(model: nn.Module) -> nn.Module:
     return model
 
 
+def project_gradients(model: nn.Module, layers: list[MASMLinear] | None = None) -> None:
+    """Between backward and the optimizer step: project every artifact gradient out of its guarded
+    directions (``semantic_guard: project`` layers only). ``layers``: the model's MASM layers, if the
+    caller keeps them."""
+    for layer in layers if layers is not None else [m for _, m in masm_layers(model)]:
+        layer.project_gradients_()
+
+
 def reproject_guarded(model: nn.Module, layers: list[MASMLinear] | None = None) -> None:
     """After an optimizer step: project every updated artifact factor out of its guarded directions.
 
-    Only ``semantic_guard: project`` layers do anything; subspaces without a gradient (paused by the
-    selective mask) are left untouched. ``layers``: the model's MASM layers, if the caller keeps them.
+    Only ``semantic_guard: project`` layers do anything; factors without a gradient (a layer paused whole
+    by the selective mask) are left untouched. ``layers``: the model's MASM layers, if the caller keeps
+    them.
     """
     for layer in layers if layers is not None else [m for _, m in masm_layers(model)]:
         layer.reproject_()
+
+
+@contextmanager
+def subspace_update(model: nn.Module, optimizer, controller=None, layers: list[MASMLinear] | None = None):
+    """Wrap the optimizer step of a MASM model: the semantic guard and the selective mask around it.
+
+    ::
+
+        loss.backward()
+        with subspace_update(model, optimizer, controller, layers):
+            optimizer.step()
+
+    Before the step: gradients projected out of the guarded directions, then the mask controller (if any)
+    observes them and sets the paused subspaces aside. After it: the updated factors re-projected (Adam's
+    scaling and weight decay leave the complement), then the paused subspaces' values and moments put back.
+    The guard is exact this way, and it lives in plain functions of the layer's buffers, so any copy of the
+    model keeps it.
+    """
+    layers = layers if layers is not None else [m for _, m in masm_layers(model)]
+    project_gradients(model, layers)
+    if controller is not None:
+        controller.step(optimizer)
+    yield
+    reproject_guarded(model, layers)
+    if controller is not None:
+        controller.restore()
 
 
 def masm_layers(model: nn.Module) -> list[tuple[str, MASMLinear]]:

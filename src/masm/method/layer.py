@@ -18,13 +18,18 @@ from .decomposition import SVD, residual_groups
 
 
 class MASMLinear(nn.Module):
-    """``y = x W_semᵀ + b + ((x V_cat) ⊙ s_cat) U_catᵀ``.
+    """``y = x W_semᵀ + b + ((x V) ⊙ s) Uᵀ``, the K subspaces side by side in one tensor per factor.
+
+    Parameters: ``U`` (d_out×Km), ``s`` (Km), ``V`` (d_in×Km); subspace ``k`` is columns ``k·m:(k+1)·m``
+    of each (:meth:`subspace_columns`). One tensor per factor keeps every per-step operation batched: the
+    forward, the guard, the regularisers and the mask's statistics take one kernel per layer (or per shape
+    group), not one per subspace. Per-subspace masking happens around the optimizer step
+    (:class:`~masm.method.SelectiveMaskController`).
 
     Buffers: ``weight_sem`` (frozen semantic weight), ``bias`` (frozen), ``sigma0`` (initial singular
     values of each subspace, for the spectral loss), ``energy0`` / ``energy_sem`` (squared Frobenius
-    norms for Effort's energy loss) and, when the semantic guard is on, ``U_basis`` / ``V_basis`` (the
-    semantic basis of a side, or its complement where that side is square and the complement smaller).
-    Parameters: ``U[k]`` (d_out×m), ``s[k]`` (m), ``V[k]`` (d_in×m) for k = 0..K-1.
+    norms) and, when the semantic guard is on, ``U_basis`` / ``V_basis`` (the guarded basis of a side, or
+    its complement where that side is square and the complement smaller).
     """
 
     def __init__(self, base: nn.Linear, svd: SVD, config: MASMConfig):
@@ -42,19 +47,20 @@ class MASMLinear(nn.Module):
         weight = base.weight.detach().to(svd.U.dtype).cpu()
         U, S, Vh = svd.U, svd.S, svd.Vh
 
-        residual = torch.cat(groups)
+        residual = torch.cat(groups)  # subspace k = positions k·m:(k+1)·m
         # W_sem = W - (residual part), in the SVD's precision: the layer then reproduces W to round-off
         # whatever the truncation, and W itself is not kept.
-        weight_res = (U[:, residual] * S[residual]) @ Vh[residual]
-        self.register_buffer("weight_sem", (weight - weight_res).to(device, dtype))
+        weight_sem = weight - (U[:, residual] * S[residual]) @ Vh[residual]
+        self.register_buffer("weight_sem", weight_sem.to(device, dtype))
         self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
-        self.U = nn.ParameterList([nn.Parameter(U[:, g].to(device, torch.float32)) for g in groups])
-        self.s = nn.ParameterList([nn.Parameter(S[g].to(device, torch.float32)) for g in groups])
-        self.V = nn.ParameterList([nn.Parameter(Vh[g].T.to(device, torch.float32)) for g in groups])
+        self._fused: tuple | None = None  # (key, weights, bias): see _fused_operands
+        self.U = nn.Parameter(U[:, residual].to(device, torch.float32).contiguous())
+        self.s = nn.Parameter(S[residual].to(device, torch.float32).contiguous())
+        self.V = nn.Parameter(Vh[residual].T.to(device, torch.float32).contiguous())
         sigma0 = torch.stack([S[g].sort(descending=True).values for g in groups]).float()
         self.register_buffer("sigma0", sigma0.to(device))
         self.register_buffer("energy0", weight.pow(2).sum().float().to(device))
-        self.register_buffer("energy_sem", (weight - weight_res).pow(2).sum().float().to(device))
+        self.register_buffer("energy_sem", weight_sem.pow(2).sum().float().to(device))
         self.guard_rank = min(rank_sem, max(1, round(config.guard_rank * n)))
         if config.semantic_guard != "off":
             # The guard keeps the artifact factors out of the top r_g principal directions only (method.md
@@ -69,43 +75,75 @@ class MASMLinear(nn.Module):
             self.register_buffer("U_basis", U_basis.to(device, torch.float32).contiguous())
             self.register_buffer("V_basis", V_basis.to(device, torch.float32).contiguous())
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        _join_per_subspace_keys(state_dict, prefix, self.num_subspaces)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
     # -- forward and merge ------------------------------------------------------------------------------
     def artifact_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U_cat, s_cat, V_cat)``: the K subspaces side by side (d_out×Km, Km, d_in×Km).
+        """``(U, s, V)``: the K subspaces side by side (d_out×Km, Km, d_in×Km)."""
+        return self.U, self.s, self.V
 
-        In ``project`` mode the factors are used projected out of the guarded directions, so the guard is
-        part of the function itself: gradients reach ``U``/``V`` already projected (the chain rule through
-        the projection), nothing the optimizer does to the stored tensors can leak into the guarded
-        span, and a copy of the model (``copy.deepcopy``, pickling) keeps the guard. :meth:`reproject_`
-        also projects the stored tensors after each optimizer step, so that what is saved is what is used.
-        """
-        U, s, V = torch.cat(list(self.U), 1), torch.cat(list(self.s)), torch.cat(list(self.V), 1)
-        if self.semantic_guard == "project":
-            U = _project(U, self.U_basis, self.u_complement)
-            V = _project(V, self.V_basis, self.v_complement)
-        return U, s, V
+    def subspace_columns(self, k: int) -> slice:
+        """The columns of ``U`` and ``V`` (and entries of ``s``) that make up artifact subspace ``k``."""
+        return slice(k * self.subspace_rank, (k + 1) * self.subspace_rank)
+
+    def subspace(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views ``(U_k, s_k, V_k)`` of artifact subspace ``k``."""
+        cols = self.subspace_columns(k)
+        return self.U[:, cols], self.s[cols], self.V[:, cols]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        U, s, V = self.artifact_factors()
         device = x.device.type
         if torch.is_autocast_enabled(device):
-            # Mixed precision: everything in the autocast dtype, through the same hand-written backward
-            # (autocast would otherwise leave the custom Function and fall back to plain autograd). The
-            # casts of the fp32 factors are differentiable, so their gradients arrive in fp32.
+            # Mixed precision: the hand-written backward in the autocast dtype (autocast would otherwise
+            # leave the custom Function and fall back to plain autograd); fp32 factors get fp32 gradients.
             dtype = torch.get_autocast_dtype(device)
-            weight = self.weight_sem.to(dtype)
-            bias = None if self.bias is None else self.bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                return _LowRankLinear.apply(x.to(dtype), weight, bias, U.to(dtype), s.to(dtype), V.to(dtype))
-        weight, bias = self.weight_sem, self.bias
-        if x.dtype != U.dtype:  # e.g. a half-precision backbone without autocast: compute in x's dtype
-            U, s, V, weight = U.to(x.dtype), s.to(x.dtype), V.to(x.dtype), weight.to(x.dtype)
-            bias = None if bias is None else bias.to(x.dtype)
-        return _LowRankLinear.apply(x, weight, bias, U, s, V)
+                weights, bias = self._fused_operands(dtype)
+                return _LowRankLinear.apply(x.to(dtype), weights, bias, self.U, self.s, self.V)
+        weights, bias = self._fused_operands(x.dtype)  # without autocast: in x's dtype (e.g. a half backbone)
+        return _LowRankLinear.apply(x, weights, bias, self.U, self.s, self.V)
+
+    def _fused_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[[W_sem + U (V s)ᵀ, U], [(V s)ᵀ, 0]]`` and ``[b, 0]`` in ``dtype``, rebuilt when a factor, a buffer
+        or the dtype changed (once per optimizer step in training, whatever the number of forwards).
+
+        With it a training forward is one matmul, ``x [W_eff; (V s)ᵀ]ᵀ = [y | x V s]``, and backward one more,
+        ``g [W_eff | U] = [dx | g U]``: the low-rank terms ride along as Km extra output columns of the
+        matmul that any adapter of the layer pays for, instead of thin matmuls that read the activations again
+        and rank-Km updates that rewrite them. The cost is one ``d_out × d_in`` matrix per layer, built from
+        the factors without autograd (backward computes no weight gradient of it).
+        """
+        tensors = (self.U, self.s, self.V, self.weight_sem) + (() if self.bias is None else (self.bias,))
+        key = (dtype, *((t.data_ptr(), t._version) for t in tensors))
+        if self._fused is None or self._fused[0] != key:
+            # Overwritten in place when only the factors changed: a forward whose backward has not run yet
+            # then fails autograd's version check (it saved these operands) instead of using new values.
+            previous = None if self._fused is None else self._fused[1]
+            reuse = previous is not None and previous.dtype == dtype and previous.device == self.U.device
+            with torch.no_grad():
+                operands = fuse(
+                    self.weight_sem,
+                    self.bias,
+                    self.U,
+                    self.s,
+                    self.V,
+                    dtype,
+                    out=self._fused[1:] if reuse else None,
+                )
+            self._fused = (key, *operands)
+        return self._fused[1], self._fused[2]
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) builds its own operands from its own tensors
+        return {**self.__dict__, "_fused": None}
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: the operands are rebuilt on next use
+        self._fused = None
+        return super()._apply(fn, *args, **kwargs)
 
     def merged_weight(self) -> torch.Tensor:
-        U, s, V = self.artifact_factors()
-        return self.weight_sem + ((U * s) @ V.T).to(self.weight_sem.dtype)
+        return self.weight_sem + ((self.U * self.s) @ self.V.T).to(self.weight_sem.dtype)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
@@ -122,17 +160,13 @@ class MASMLinear(nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
-    def subspace_parameters(self, k: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
-        """The trainable tensors of artifact subspace ``k``: ``(U_k, s_k, V_k)``."""
-        return self.U[k], self.s[k], self.V[k]
-
     # -- regularisers (method.md §3) ----------------------------------------------------------------------
     def orthogonality_loss(self) -> torch.Tensor:
         """``(‖Q_Uᵀ Q_U − I‖² + ‖Q_Vᵀ Q_V − I‖²) / (K·m)``, plus the semantic penalty in ``penalty`` mode.
 
         Gram matrices are Km×Km (``QᵀQ``), not d×d: that is what orthonormal columns mean.
         """
-        U, _, V = self.artifact_factors()
+        U, V = self.U, self.V
         eye = torch.eye(U.shape[1], device=U.device, dtype=U.dtype)
         loss = (U.T @ U - eye).pow(2).sum() + (V.T @ V - eye).pow(2).sum()
         if self.semantic_guard == "penalty":
@@ -153,8 +187,8 @@ class MASMLinear(nn.Module):
         artifact part's own tiny initial energy would pin its singular values and forbid learning.
         ``energy``: ``|‖W‖² − ‖W⁰‖²| / ‖W⁰‖²`` (Effort), computed from the factors without forming ``W``.
         """
+        U, s, V = self.U, self.s, self.V
         if mode == "artifact":
-            U, s, V = self.artifact_factors()
             m = self.subspace_rank
             sigma = []
             for k in range(self.num_subspaces):
@@ -164,7 +198,6 @@ class MASMLinear(nn.Module):
             sigma = torch.stack(sigma)
             return (sigma - self.sigma0).pow(2).sum() / self.energy0
         if mode == "energy":
-            U, s, V = self.artifact_factors()
             # ‖W_sem + U diag(s) Vᵀ‖² = ‖W_sem‖² + 2 Σ_j s_j u_jᵀ W_sem v_j + Σ_ij s_i s_j (UᵀU)_ij (VᵀV)_ij
             cross = ((self.weight_sem.float() @ V) * U).sum(0) @ s
             artifact = ((U.T @ U) * (V.T @ V) * s[:, None] * s[None, :]).sum()
@@ -172,31 +205,41 @@ class MASMLinear(nn.Module):
             return (energy - self.energy0).abs() / self.energy0
         raise ValueError(f"unknown spectral mode {mode!r}")
 
-    # -- semantic guard by projection -------------------------------------------------------------------
+    # -- semantic guard by projection (method.md §3) ------------------------------------------------------
     @torch.no_grad()
-    def reproject_(self, updated_only: bool = True) -> None:
-        """Project the stored ``U_k``, ``V_k`` out of the guarded directions (``project`` mode; else a no-op).
+    def project_gradients_(self) -> None:
+        """Project the gradients of ``U`` and ``V`` out of the guarded directions (``project`` mode).
 
-        Called after every optimizer step: Adam's per-element scaling and weight decay move the stored
-        tensors out of the complement even though their gradients lie in it. With ``updated_only`` a
-        subspace without a gradient (paused by the mask) is left bit-for-bit as it is.
+        Called between backward and the optimizer step, so Adam's moments only ever see the complement.
         """
         if self.semantic_guard != "project":
             return
-        for k in range(self.num_subspaces):
-            for param, basis, complement in (
-                (self.U[k], self.U_basis, self.u_complement),
-                (self.V[k], self.V_basis, self.v_complement),
-            ):
-                if not updated_only or param.grad is not None:
-                    param.copy_(_project(param, basis, complement))
+        for param, basis, complement in self._guarded():
+            if param.grad is not None:
+                param.grad.copy_(_project(param.grad, basis, complement))
+
+    @torch.no_grad()
+    def reproject_(self, updated_only: bool = True) -> None:
+        """Project the stored ``U`` and ``V`` out of the guarded directions (``project`` mode; else a no-op).
+
+        Called after every optimizer step: Adam's per-element scaling and weight decay move the stored
+        tensors out of the complement even though their gradients lie in it. With ``updated_only`` a
+        factor without a gradient (its whole layer paused by the mask) is left bit-for-bit as it is.
+        """
+        if self.semantic_guard != "project":
+            return
+        for param, basis, complement in self._guarded():
+            if not updated_only or param.grad is not None:
+                param.copy_(_project(param, basis, complement))
+
+    def _guarded(self):
+        return ((self.U, self.U_basis, self.u_complement), (self.V, self.V_basis, self.v_complement))
 
     def guard_overlap(self) -> float:
         """``(‖U_gᵀ U‖² + ‖V_gᵀ V‖²) / (‖U‖² + ‖V‖²)`` of the stored factors: 0 when the guard holds."""
         with torch.no_grad():
-            U, V = torch.cat(list(self.U), 1), torch.cat(list(self.V), 1)
-            overlap = self.semantic_overlap(U, V)
-            return float(overlap / (U.pow(2).sum() + V.pow(2).sum()))
+            overlap = self.semantic_overlap(self.U, self.V)
+            return float(overlap / (self.U.pow(2).sum() + self.V.pow(2).sum()))
 
     def extra_repr(self) -> str:
         return (
@@ -205,41 +248,79 @@ class MASMLinear(nn.Module):
         )
 
 
-class _LowRankLinear(torch.autograd.Function):
-    """``x W_semᵀ + b + ((x V) ⊙ s) Uᵀ`` with a hand-written backward.
+def _join_per_subspace_keys(state_dict: dict, prefix: str, num_subspaces: int) -> None:
+    """Checkpoints written before the subspaces were batched hold ``U.0 … U.{K-1}`` (and ``s.k``, ``V.k``);
+    join them into the one tensor per factor the layer has now."""
+    for name in ("U", "s", "V"):
+        keys = [f"{prefix}{name}.{k}" for k in range(num_subspaces)]
+        if prefix + name in state_dict or not all(key in state_dict for key in keys):
+            continue
+        parts = [state_dict.pop(key) for key in keys]
+        state_dict[prefix + name] = torch.cat(parts, dim=-1)
 
-    Autograd on the plain expression makes two extra passes over every (tokens × d) activation gradient:
-    it computes the input gradient of the low-rank branch as a separate tensor and then adds it to the
-    frozen branch's. Here the low-rank term is added in the matmul epilogue of the frozen one, in forward
-    (``out += lr Uᵀ``) and in backward (``dx += (g U) (V s)ᵀ``). No ``d_out × d_in`` matrix is formed and
-    no weight gradient of ``W_sem`` is computed.
+
+def fuse(weight_sem, bias, U, s, V, dtype, out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The operands of :class:`_LowRankLinear`: ``[[W_sem + U (V s)ᵀ, U], [(V s)ᵀ, 0]]`` and ``[b, 0]``, in
+    ``dtype``. ``out``: earlier operands of the same layer to overwrite (no reallocation each step)."""
+    d_out, d_in = weight_sem.shape
+    km = U.shape[1]
+    Vs = V * s
+    if out is None:
+        weights = torch.zeros(d_out + km, d_in + km, dtype=dtype, device=weight_sem.device)
+        fused_bias = None if bias is None else torch.zeros(d_out + km, dtype=dtype, device=bias.device)
+    else:
+        weights, fused_bias = out
+    if weights.dtype == U.dtype == weight_sem.dtype:
+        torch.addmm(weight_sem, U, Vs.T, out=weights[:d_out, :d_in])  # straight into place
+    else:  # the sum in the factors' precision, then cast
+        weights[:d_out, :d_in] = torch.addmm(weight_sem.to(U.dtype), U, Vs.T)
+    weights[:d_out, d_in:] = U
+    weights[d_out:, :d_in] = Vs.T
+    if bias is not None:
+        fused_bias[:d_out] = bias
+    return weights, fused_bias
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``x W_semᵀ + b + ((x V) ⊙ s) Uᵀ`` with a hand-written backward, from the operands of :func:`fuse`.
+
+    forward:  ``[y | x V s] = x [W_eff; (V s)ᵀ]ᵀ + [b, 0]``, one matmul, with ``W_eff = W_sem + U (V s)ᵀ``;
+    backward: ``[dx | g U] = g [W_eff | U]``, one matmul, and the factors' gradients from the thin
+    ``x V s`` and ``g U`` (Km × d products, no ``d_out × d_in`` weight gradient).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, U, s, V):
-        x2 = x.reshape(-1, x.shape[-1])
-        Vs = V * s  # s scales the small d_in × Km factor, not the (tokens × Km) activation
-        low_rank = x2 @ Vs
-        out = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
-        out.addmm_(low_rank, U.T)
-        ctx.save_for_backward(x, weight, U, s, V, low_rank)
-        return out.view(*x.shape[:-1], weight.shape[0])
+    def forward(ctx, x, weights, bias, U, s, V):
+        km = U.shape[1]
+        d_out, d_in = weights.shape[0] - km, weights.shape[1] - km
+        x2 = x.reshape(-1, d_in)
+        if bias is None:
+            both = x2 @ weights[:, :d_in].T
+        else:
+            both = torch.addmm(bias, x2, weights[:, :d_in].T)
+        # x V s is copied out (tokens × Km) so that backward does not keep the whole output alive
+        ctx.save_for_backward(x2, weights, V, s, both[:, d_out:].clone())
+        ctx.shapes = (x.shape, d_out, d_in)
+        return both[:, :d_out].view(*x.shape[:-1], d_out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, U, s, V, low_rank = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        g_low = g @ U  # tokens × Km
+        x2, weights, V, s, low_rank = ctx.saved_tensors
+        x_shape, d_out, d_in = ctx.shapes
+        g = grad_out.reshape(-1, d_out)
         grad_x = grad_U = grad_s = grad_V = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(g_low, (V * s).T).view(x.shape)
+            both = g @ weights[:d_out]  # [g W_eff | g U]
+            grad_x, g_low = both[:, :d_in].view(x_shape), both[:, d_in:]
+        else:
+            g_low = g @ weights[:d_out, d_in:]
         # Km × d products, transposed afterwards: the reduction over tokens then runs along contiguous rows
         # (measured 1.5x faster on CPU than tokens-transposed × (tokens × Km)).
         if ctx.needs_input_grad[3]:
-            grad_U = (low_rank.T @ g).T
+            grad_U = (low_rank.T @ g).T.to(V.dtype)
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            grad_Vs = (g_low.T @ x.reshape(-1, x.shape[-1])).T  # d_in × Km
+            grad_Vs = (g_low.T @ x2).T.to(V.dtype)  # d_in × Km
             grad_s = (grad_Vs * V).sum(0)
             grad_V = grad_Vs * s
         return grad_x, None, None, grad_U, grad_s, grad_V

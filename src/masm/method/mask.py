@@ -10,15 +10,21 @@ The learning state of subspace k of layer l is the gradient signal-to-noise rati
 * subspace balance: in a selected layer, a subspace whose share of the layer's ρ exceeds ``(1+δ)/K`` is
   paused, so the others learn complementary artifacts; at least one subspace per selected layer stays on.
 
-Masked subspaces get ``grad = None`` before ``optimizer.step()``, so neither their values nor their
-optimizer moments change. The controller only reads gradients that DDP has already averaged, so every
-rank computes the same mask; it is broadcast from rank 0 all the same, as a guard against round-off.
+A paused subspace keeps its values and its optimizer moments through the step. A layer's K subspaces are
+columns of one tensor per factor (:class:`~masm.method.MASMLinear`), so pausing happens around the
+optimizer step: a layer paused whole gets ``grad = None`` (the optimizer skips it); in a partly paused
+layer the paused columns' gradients are zeroed and their values and moments are saved before the step
+and written back after it (zeroing alone is not enough: Adam's momentum and weight decay would move them).
+The optimizer's step count of a partly paused layer is shared by its subspaces and so moves on. The
+controller only reads gradients that DDP has already averaged, so every rank computes the same mask; it
+is broadcast from rank 0 all the same, as a guard against round-off.
 
-Usage in a training step::
+Usage in a training step (:func:`masm.method.subspace_update` does the same, with the semantic guard)::
 
     loss.backward()
-    controller.step()           # observe gradients, maybe recompute the mask, drop masked gradients
+    controller.step(optimizer)  # observe gradients, maybe recompute the mask, set paused subspaces aside
     optimizer.step()
+    controller.restore()        # paused subspaces: values and moments as they were before the step
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ class SelectiveMaskController:
             raise ValueError("the model has no MASM layers to mask")
         self.num_subspaces = self.layers[0][1].num_subspaces
         L, K = len(self.layers), self.num_subspaces
-        # EMAs of the gradient and its square, one tensor per parameter, in (layer, subspace, U/s/V) order,
-        # so a step updates all of them with a handful of fused multi-tensor ops.
-        self._params = [p for _, layer in self.layers for k in range(K) for p in layer.subspace_parameters(k)]
+        # EMAs of the gradient and its square, one tensor per factor, in (layer, U/s/V) order, so a step
+        # updates all of them with a handful of fused multi-tensor ops.
+        self._params = [p for _, layer in self.layers for p in (layer.U, layer.s, layer.V)]
         self._mu = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         self._nu = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         self.num_observed = 0  # steps whose gradients were observed (for bias correction)
@@ -52,6 +58,7 @@ class SelectiveMaskController:
         self.rho = torch.zeros(L, K)
         self.mask = torch.ones(L, K, dtype=torch.bool)
         self.log_path = Path(log_path) if log_path else None
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, columns, values)
 
     @property
     def layer_names(self) -> list[str]:
@@ -73,28 +80,32 @@ class SelectiveMaskController:
         torch._foreach_addcmul_(self._nu, grads, grads, value=1 - beta)
 
     def _subspace_moments(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flattened (μ, ν) of subspace k of layer i (its U, s and V concatenated)."""
-        start = (i * self.num_subspaces + k) * 3
-        mu = torch.cat([t.reshape(-1) for t in self._mu[start : start + 3]])
-        nu = torch.cat([t.reshape(-1) for t in self._nu[start : start + 3]])
+        """Flattened (μ, ν) of subspace k of layer i (its U_k, s_k and V_k concatenated)."""
+        cols = self.layers[i][1].subspace_columns(k)
+        mu = torch.cat([t[..., cols].reshape(-1) for t in self._mu[3 * i : 3 * i + 3]])
+        nu = torch.cat([t[..., cols].reshape(-1) for t in self._nu[3 * i : 3 * i + 3]])
         return mu, nu
 
     @torch.no_grad()
     def learning_state(self) -> torch.Tensor:
         """ρ of every (layer, subspace) from the bias-corrected EMAs, as an L×K CPU tensor."""
+        L, K = len(self.layers), self.num_subspaces
         if self.num_observed == 0:
-            return torch.zeros(len(self.layers), self.num_subspaces)
+            return torch.zeros(L, K)
         correction = 1 - self.config.beta**self.num_observed
-        # Multi-tensor ops over all (U_k, s_k, V_k), one device-to-host copy at the end: no per-subspace
-        # scalar is written to the host (384 syncs per update on ViT-L/14 otherwise).
+        # Multi-tensor ops over every factor, per-column sums, one device-to-host copy at the end: no
+        # per-subspace scalar is written to the host (384 syncs per update on ViT-L/14 otherwise).
         mu = torch._foreach_div([t.double() for t in self._mu], correction)
         nu = torch._foreach_div([t.double() for t in self._nu], correction)
         mu_sq = torch._foreach_mul(mu, mu)
         spread = torch._foreach_sub(nu, mu_sq)
         torch._foreach_clamp_min_(spread, 0.0)
-        shape = (len(self.layers), self.num_subspaces, 3)  # 3 tensors per subspace: U_k, s_k, V_k
-        bias = torch.stack([t.sum() for t in mu_sq]).view(shape).sum(-1)
-        var = torch.stack([t.sum() for t in spread]).view(shape).sum(-1)
+
+        def per_subspace(tensors):  # L × K: each layer's U, s, V columns summed, then grouped by subspace
+            columns = [t.reshape(-1, t.shape[-1]).sum(0) for t in tensors]
+            return torch.stack([sum(columns[3 * i : 3 * i + 3]) for i in range(L)]).view(L, K, -1).sum(-1)
+
+        bias, var = per_subspace(mu_sq), per_subspace(spread)
         return (bias / (bias + var + self.config.eps)).float().cpu()
 
     def compute_mask(self, rho: torch.Tensor) -> torch.Tensor:
@@ -127,16 +138,51 @@ class SelectiveMaskController:
         return past_warmup >= 0 and past_warmup % self.config.interval == 0
 
     @torch.no_grad()
-    def apply(self) -> None:
-        """``grad = None`` for every masked subspace (zeroing is not enough: Adam's momentum would move it)."""
-        for i, (_, layer) in enumerate(self.layers):
-            for k in range(self.num_subspaces):
-                if not self.mask[i, k]:
-                    for p in layer.subspace_parameters(k):
-                        p.grad = None
+    def apply(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Set the paused subspaces aside for the coming optimizer step (:meth:`restore` undoes it after).
 
-    def step(self) -> None:
-        """Observe gradients, recompute the mask when due, and drop the gradients of masked subspaces."""
+        A layer paused whole loses its gradients (``grad = None``: the optimizer skips it). In a partly
+        paused layer the paused columns' gradients are zeroed and their values and ``optimizer``'s moments
+        (every state tensor shaped like the parameter) are saved.
+        """
+        self._saved = []
+        for i, (_, layer) in enumerate(self.layers):
+            active = self.mask[i]
+            if bool(active.all()):
+                continue
+            factors = (layer.U, layer.s, layer.V)
+            if not bool(active.any()):
+                for p in factors:
+                    p.grad = None
+                continue
+            if optimizer is None:
+                raise ValueError(
+                    "some subspaces of a layer are paused and others are not: pass the optimizer to "
+                    "SelectiveMaskController.step(), so that the paused ones keep their optimizer moments"
+                )
+            m = layer.subspace_rank
+            paused = torch.arange(layer.num_subspaces * m).view(-1, m)[~active].reshape(-1)
+            paused = paused.to(layer.U.device)
+            for p in factors:
+                if p.grad is not None:
+                    p.grad.index_fill_(-1, paused, 0)
+                state = optimizer.state.get(p, {})
+                for tensor in [p, *(t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape)]:
+                    self._saved.append((tensor, paused, tensor.index_select(-1, paused)))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """After the optimizer step: the paused columns' values and moments as :meth:`apply` saved them."""
+        for tensor, columns, values in self._saved:
+            tensor.index_copy_(-1, columns, values)
+        self._saved = []
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Observe gradients, recompute the mask when due, and set the paused subspaces aside.
+
+        Call :meth:`restore` after ``optimizer.step()``. ``optimizer`` is needed as soon as a layer is
+        only partly paused (its moments are kept through the step).
+        """
         self.observe()
         if self.config.enabled and self.update_due():
             self.rho = self.learning_state()
@@ -144,7 +190,7 @@ class SelectiveMaskController:
             self._log()
         self.num_steps += 1
         if self.config.enabled:
-            self.apply()
+            self.apply(optimizer)
 
     # -- persistence ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -170,15 +216,16 @@ class SelectiveMaskController:
         self.num_steps = int(state["num_steps"])
         self.rho = state["rho"].float().clone()
         self.mask = state["mask"].bool().clone()
-        for i in range(L):
+        for i, (_, layer) in enumerate(self.layers):
             for k in range(K):
-                start = (i * K + k) * 3
+                cols = layer.subspace_columns(k)
                 for moments, key in ((self._mu, "mu"), (self._nu, "nu")):
                     flat = state[f"{key}.{i}.{k}"]
                     offset = 0
-                    for t in moments[start : start + 3]:
-                        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                        offset += t.numel()
+                    for t in moments[3 * i : 3 * i + 3]:
+                        part = t[..., cols]
+                        t[..., cols] = flat[offset : offset + part.numel()].view_as(part).to(t)
+                        offset += part.numel()
 
     def _log(self) -> None:
         if self.log_path is None or not _is_main_process():

@@ -137,7 +137,7 @@ def effort_factor_state(detector: Detector, ckpt: EffortCheckpoint) -> dict[str,
     """The state-dict entries that put Effort's factors into ``detector``'s K=1 MASM layers.
 
     The one place that knows how masm's layer names its tensors: the frozen weight (``weight_sem``) and
-    subspace 0's ``U``, ``s``, ``V`` (``.U.0``, ``.s.0``, ``.V.0``), each found among the layer's own
+    the artifact factors ``U``, ``s``, ``V`` (one subspace of rank 1 here), each found among the layer's own
     state-dict keys.
     """
     layers = dict(masm_layers(detector.backbone))
@@ -147,9 +147,9 @@ def effort_factor_state(detector: Detector, ckpt: EffortCheckpoint) -> dict[str,
         prefix = f"backbone.{_find_layer(layers, name)}."
         targets = {
             "weight_sem": effort.weight_main,
-            "U.0": effort.U_residual,
-            "s.0": effort.S_residual,
-            "V.0": effort.V_residual.T,
+            "U": effort.U_residual,
+            "s": effort.S_residual,
+            "V": effort.V_residual.T,
         }
         if effort.bias is not None:
             targets["bias"] = effort.bias

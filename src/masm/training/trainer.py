@@ -42,7 +42,7 @@ from ..data.transforms import build_transform, resize_square
 from ..errors import CheckpointError, ConfigError, DataError, MasmError
 from ..evaluation.evaluate import Shard, evaluate_detector, metrics_for, score_sharded
 from ..evaluation.metrics import mean_over_datasets
-from ..method import SelectiveMaskController, layer_groups, reproject_guarded, total_loss
+from ..method import SelectiveMaskController, layer_groups, subspace_update, total_loss
 from ..models.checkpoint import load_checkpoint, load_extra_tensors, read_checkpoint_config, save_checkpoint
 from ..models.detector import Detector, create_detector
 from ..precision import autocast_for, configure_matmul_precision
@@ -594,15 +594,15 @@ class _Run:
         lr = lr_at(self.progress.global_step, self.config, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.controller is not None:
-            self.controller.step()  # gradients are DDP-averaged here; masked subspaces get grad = None
-        if self.config.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(
-                self.detector.trainable_parameters(), self.config.optim.max_grad_norm
-            )
-        self.optimizer.step()
-        # the semantic guard holds exactly after Adam and weight decay
-        reproject_guarded(self.detector, [layer for group in self.layer_groups for layer in group])
+        # gradients are DDP-averaged here. The guard projects them; the mask sets paused subspaces aside and
+        # puts them back after the step; the guard holds exactly after Adam and weight decay.
+        layers = [layer for group in self.layer_groups for layer in group]
+        with subspace_update(self.detector, self.optimizer, self.controller, layers):
+            if self.config.optim.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(
+                    self.detector.trainable_parameters(), self.config.optim.max_grad_norm
+                )
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
