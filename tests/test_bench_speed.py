@@ -40,16 +40,23 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
         "masm_vs_full_peak_mem",
         "floor_vs_effort_step",
         "masm_vs_floor_step",
+        "path_only_vs_floor_step",
         "path_only_vs_effort_step",
     ):
         assert math.isfinite(results["ratios"][key]) and results["ratios"][key] > 0, key
     assert set(results["targets_met"]) == {
+        "masm_vs_floor_step",
         "masm_vs_effort_step",
         "masm_vs_full_step",
         "merged_vs_plain_infer",
         "masm_vs_full_peak_mem",
     }
     assert all(len(r["step_times_s"]) == 1 for r in results["train"].values())
+    # one round: each ratio is the ratio of that round's two steps
+    train = results["train"]
+    assert results["ratios"]["masm_vs_floor_step"] == pytest.approx(
+        train["masm"]["step_times_s"][0] / train["frozen-floor"]["step_times_s"][0]
+    )
     # The floor trains only the targeted Linears' biases (4 per layer x 4 layers x 64) and the 2-way head.
     assert results["train"]["frozen-floor"]["trainable"] == 4 * 4 * 64 + (64 * 2 + 2)
     # The bare path has MASM's trainable parameters exactly.
