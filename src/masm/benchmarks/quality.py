@@ -42,7 +42,7 @@ MORE_ABLATIONS: dict[str, tuple[str, dict]] = {
 
 # The demo's settings (masm.demo.experiment: DEFAULT_TRAIN_FAMILIES, DEMO_STRENGTH, RunSettings.lr), not
 # imported here because `masm --help` must not load torch; a test keeps them equal.
-TRAIN_FAMILIES = "blend,resample,double_jpeg"
+TRAIN_FAMILIES = "blend"
 STRENGTH = 5.0
 LR = 3e-3
 

@@ -30,7 +30,7 @@ class DemoSettings:
     eval_per_family: int = 150  # fakes per family in each fixed evaluation set
     size: int = 64
     strength: float = DEMO_STRENGTH  # subtle (1) forgeries need far more than minutes of training
-    steps: int = 1400
+    steps: int = 1000
     batch_size: int = 32
     baseline: str | None = "effort"  # None: MASM alone
     seed: int = 0
