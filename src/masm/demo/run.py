@@ -1,11 +1,12 @@
 """``masm demo``: an offline end-to-end run that proves the method on this machine, in minutes.
 
 1. a small CLIP vision tower pretrained on real photo crops (:mod:`masm.demo.pretrain`; shipped);
-2. real photo crops, from which forgeries of three families are made on the fly during training
-   (``data.pseudo_fakes``), and fixed, seeded test sets from the same generator (:mod:`masm.data.synth`);
+2. real photo crops, from which blended forgeries are made on the fly during training, as self-blended
+   images are made from real faces (``data.pseudo_fakes``), and fixed, seeded test sets from the same
+   generator (:mod:`masm.data.synth`);
 3. MASM and a baseline trained with the same trainer and budget;
-4. both evaluated on the training families, on three families they never saw, and on forgeries made from
-   photos they never saw; a report, ROC curves and the mask heat map.
+4. both evaluated on the training family, on the five families they never saw, and on forgeries made
+   from photos they never saw; a report, ROC curves and the mask heat map.
 
 The trained MASM detector is left at ``OUT/model``: a checkpoint for ``masm eval`` and ``masm detect``.
 """
