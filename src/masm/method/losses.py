@@ -39,13 +39,17 @@ def regularizers(
     terms: dict[str, torch.Tensor] = {}
     if not layers:
         return terms
-    # The factors of every layer once (projected where the guard projects), shared by both terms.
-    factors = [[layer.artifact_factors() for layer in group] for group in groups]
+    spectral_batched = config.lambda_spec and config.spectral_mode == "artifact"
+    # Per shape group, the Km×Km Gram matrices of U and V once: L_orth reads them whole, the artifact
+    # spectrum their m×m diagonal blocks (one per subspace).
+    grams = [_grams(group) for group in groups] if config.lambda_orth or spectral_batched else []
     if config.lambda_orth:
-        terms["orth"] = torch.cat([_orthogonality(g, f) for g, f in zip(groups, factors)]).mean()
+        terms["orth"] = torch.cat([_orthogonality(g, gu, gv) for g, (gu, gv) in zip(groups, grams)]).mean()
     if config.lambda_spec:
-        if config.spectral_mode == "artifact":
-            terms["spec"] = torch.cat([_artifact_spectrum(g, f) for g, f in zip(groups, factors)]).mean()
+        if spectral_batched:
+            terms["spec"] = torch.cat(
+                [_artifact_spectrum(g, gu, gv) for g, (gu, gv) in zip(groups, grams)]
+            ).mean()
         else:
             terms["spec"] = torch.stack(
                 [layer.spectral_loss(config.spectral_mode) for layer in layers]
@@ -53,27 +57,38 @@ def regularizers(
     return terms
 
 
-def _orthogonality(layers: list, factors: list) -> torch.Tensor:
-    """Per-layer orthogonality loss of same-shape layers, batched."""
-    U = torch.stack([u for u, _, _ in factors])  # L × d_out × Km
-    V = torch.stack([v for _, _, v in factors])
-    eye = torch.eye(U.shape[-1], device=U.device, dtype=U.dtype)
-    loss = (U.mT @ U - eye).pow(2).sum((1, 2)) + (V.mT @ V - eye).pow(2).sum((1, 2))
+def _grams(layers: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``UᵀU`` and ``VᵀV`` of same-shape layers, stacked: L × Km × Km each."""
+    U = torch.stack([layer.U for layer in layers])
+    V = torch.stack([layer.V for layer in layers])
+    return U.mT @ U, V.mT @ V
+
+
+def _orthogonality(layers: list, gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
+    """Per-layer orthogonality loss of same-shape layers, from their Gram matrices."""
+    eye = torch.eye(gram_u.shape[-1], device=gram_u.device, dtype=gram_u.dtype)
+    loss = (gram_u - eye).pow(2).sum((1, 2)) + (gram_v - eye).pow(2).sum((1, 2))
     if layers[0].semantic_guard == "penalty":  # semantic bases differ per layer: no stacking of big buffers
-        loss = loss + torch.stack([lyr.semantic_overlap(u, v) for lyr, u, v in zip(layers, U, V)])
-    return loss / U.shape[-1]
+        loss = loss + torch.stack([lyr.semantic_overlap(lyr.U, lyr.V) for lyr in layers])
+    return loss / gram_u.shape[-1]
 
 
-def _artifact_spectrum(layers: list, factors: list) -> torch.Tensor:
+def _artifact_spectrum(layers: list, gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
     """Per-layer artifact spectral loss of same-shape layers, batched over layers and subspaces."""
     K, m = layers[0].num_subspaces, layers[0].subspace_rank
-    U = torch.stack([u for u, _, _ in factors]).unflatten(-1, (K, m)).movedim(-2, 1).flatten(0, 1)
-    V = torch.stack([v for _, _, v in factors]).unflatten(-1, (K, m)).movedim(-2, 1).flatten(0, 1)
-    s = torch.stack([x for _, x, _ in factors]).view(-1, m)  # (L·K) × m; U, V: (L·K) × d × m
-    # σ(U diag(s) Vᵀ) = σ(R_u diag(s) R_vᵀ) with R from UᵀU = RᵀR: a batched m×m Cholesky per factor
-    # instead of a QR of the tall d×m factor (one fused call on GPU rather than one per matrix).
-    r_u = torch.linalg.cholesky_ex(U.mT @ U).L.mT
-    r_v = torch.linalg.cholesky_ex(V.mT @ V).L.mT
+    s = torch.stack([layer.s for layer in layers]).view(-1, m)  # (L·K) × m
+
+    def blocks(gram):  # the K diagonal m×m blocks of each layer's Gram: U_kᵀ U_k, as (L·K) × m × m
+        return (
+            torch.diagonal(gram.unflatten(1, (K, m)).unflatten(3, (K, m)), dim1=1, dim2=3)
+            .permute(0, 3, 1, 2)
+            .flatten(0, 1)
+        )
+
+    # σ(U_k diag(s_k) V_kᵀ) = σ(R_u diag(s_k) R_vᵀ) with U_kᵀU_k = R_uᵀR_u: a batched m×m Cholesky instead of
+    # a QR of the tall d×m factor (one fused call on GPU rather than one per matrix).
+    r_u = torch.linalg.cholesky_ex(blocks(gram_u)).L.mT
+    r_v = torch.linalg.cholesky_ex(blocks(gram_v)).L.mT
     sigma = torch.linalg.svdvals((r_u * s[:, None, :]) @ r_v.mT)
     sigma0 = torch.stack([layer.sigma0 for layer in layers])  # L × K × m
     sigma = sigma.view_as(sigma0)
