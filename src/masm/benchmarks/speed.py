@@ -95,6 +95,7 @@ def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METH
         train[method]["step_s"] = statistics.median(times[method])
         train[method]["step_times_s"] = times[method]
     infer = _in_fresh_process(_infer_worker, "masm", settings)
+
     def step_ratio(a: str, b: str) -> float:
         # Median over rounds of the ratio of the two steps taken in the same round: the machine's drift and
         # bursts of load (±20 % from step to step on a shared 2-core machine) hit both alike.
