@@ -264,7 +264,7 @@ def test_semantic_penalty_detects_drift_into_the_semantic_subspace():
     with torch.no_grad():
         layer.subspace(0)[0][:, 0].copy_(U_sem[:, 0])
         layer.subspace(1)[2][:, 1].copy_(V_sem[:, 2])
-    U, _, V = layer.artifact_factors()
+    U, V = layer.U, layer.V
     expected = (U_sem.T @ U).pow(2).sum() + (V_sem.T @ V).pow(2).sum()
     assert torch.allclose(layer.semantic_overlap(U, V), expected, atol=1e-5)
     assert layer.orthogonality_loss().item() > 0.1

@@ -3,9 +3,9 @@ artifact subspaces (method.md §1–3).
 
 Like PEFT's LoRA and OSF layers, :class:`MASMLinear` takes the place of the original Linear, keeps the
 frozen factors as buffers and the trainable ones as Parameters, and :meth:`MASMLinear.merge` turns it back
-into a plain ``nn.Linear``. Unlike Effort's reference code it never rebuilds a ``d_out × d_in`` matrix
-during training: the artifact part is applied through its low-rank factors, so backward computes no
-full-size weight gradient.
+into a plain ``nn.Linear``. Unlike Effort's reference code, backward computes no full-size weight gradient:
+the factors' gradients come from thin low-rank products, and the ``d_out × d_in`` matrix the forward uses
+is built from them once per optimizer step, outside autograd.
 """
 
 from __future__ import annotations
@@ -80,10 +80,6 @@ class MASMLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # -- forward and merge ------------------------------------------------------------------------------
-    def artifact_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U, s, V)``: the K subspaces side by side (d_out×Km, Km, d_in×Km)."""
-        return self.U, self.s, self.V
-
     def subspace_columns(self, k: int) -> slice:
         """The columns of ``U`` and ``V`` (and entries of ``s``) that make up artifact subspace ``k``."""
         return slice(k * self.subspace_rank, (k + 1) * self.subspace_rank)

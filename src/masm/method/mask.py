@@ -59,6 +59,8 @@ class SelectiveMaskController:
         self.mask = torch.ones(L, K, dtype=torch.bool)
         self.log_path = Path(log_path) if log_path else None
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, columns, values)
+        self._columns_for: torch.Tensor | None = None  # the mask that _columns were computed for
+        self._columns: dict[int, torch.Tensor] = {}
 
     @property
     def layer_names(self) -> list[str]:
@@ -160,15 +162,26 @@ class SelectiveMaskController:
                     "some subspaces of a layer are paused and others are not: pass the optimizer to "
                     "SelectiveMaskController.step(), so that the paused ones keep their optimizer moments"
                 )
-            m = layer.subspace_rank
-            paused = torch.arange(layer.num_subspaces * m).view(-1, m)[~active].reshape(-1)
-            paused = paused.to(layer.U.device)
+            paused = self._paused_columns(i)
             for p in factors:
                 if p.grad is not None:
                     p.grad.index_fill_(-1, paused, 0)
                 state = optimizer.state.get(p, {})
                 for tensor in [p, *(t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape)]:
                     self._saved.append((tensor, paused, tensor.index_select(-1, paused)))
+
+    def _paused_columns(self, i: int) -> torch.Tensor:
+        """Column indices of layer i's paused subspaces, on its device; recomputed only when the mask
+        changed (every ``interval`` steps), not at every step."""
+        if self._columns_for is None or not torch.equal(self._columns_for, self.mask):
+            self._columns_for = self.mask.clone()
+            self._columns = {}
+        if i not in self._columns:
+            layer = self.layers[i][1]
+            m = layer.subspace_rank
+            paused = torch.arange(layer.num_subspaces * m).view(-1, m)[~self.mask[i]].reshape(-1)
+            self._columns[i] = paused.to(layer.U.device)
+        return self._columns[i]
 
     @torch.no_grad()
     def restore(self) -> None:
