@@ -31,10 +31,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 CHECKS = ("precision", "torchrun", "speed")
-# per device: the backbone of the precision check, the speed benchmark's backbone and methods
+# per device: the backbone of the precision check, the speed benchmark's backbone, methods and batch
 DEFAULTS = {
-    "cuda": ("clip-vit-l14-random", "clip-vit-b16-random", "all"),
-    "cpu": ("tiny-clip", "tiny-clip", "masm,frozen-floor"),
+    # the speed check builds every method twice in fresh processes: ViT-B/16 keeps that inside the budget
+    "cuda": ("clip-vit-l14-random", "clip-vit-b16-random", "all", 32),
+    "cpu": ("tiny-clip", "tiny-clip", "masm,frozen-floor", 2),
 }
 
 
@@ -58,14 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grad-tol", type=float, default=0.1, help="bf16 vs fp32: max ||g_bf16 - g_fp32|| / ||g_fp32||"
     )
     parser.add_argument("--speed-backbone", help="speed benchmark backbone (cuda: clip-vit-b16-random)")
+    parser.add_argument("--speed-batch-size", type=int, help="speed benchmark batch (cuda: 32)")
     parser.add_argument("--speed-methods", help="speed benchmark methods (cuda: all)")
     parser.add_argument("--speed-steps", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=480.0, help="fail when the checks take longer")
     args = parser.parse_args(argv)
-    backbone, speed_backbone, speed_methods = DEFAULTS[args.device]
+    backbone, speed_backbone, speed_methods, speed_batch = DEFAULTS[args.device]
     args.backbone = args.backbone or backbone
     args.speed_backbone = args.speed_backbone or speed_backbone
     args.speed_methods = args.speed_methods or speed_methods
+    args.speed_batch_size = args.speed_batch_size or speed_batch
     args.out = args.out or REPO / "benchmarks" / "results" / f"gpu_check_{args.device}.json"
     unknown = sorted(set(args.only.split(",")) - set(CHECKS))
     if unknown:
@@ -223,7 +226,6 @@ def _train_steps(detector, x, y, precision: str, args: argparse.Namespace) -> di
     if masm_config is not None and masm_config.mask.enabled:
         controller = SelectiveMaskController(detector, masm_config.mask)
     groups = layer_groups(detector)
-    layers = [layer for group in groups for layer in group]
     losses, grads, times, logits_dtype = [], [], [], None
     for step in range(args.steps):
         _sync(x.device)
@@ -239,7 +241,7 @@ def _train_steps(detector, x, y, precision: str, args: argparse.Namespace) -> di
                 (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().clone()
                 for p in params
             ]
-        with subspace_update(detector, optimizer, controller, layers):
+        with subspace_update(detector, optimizer, controller, groups):
             optimizer.step()
         _sync(x.device)
         times.append(time.perf_counter() - start)
@@ -280,10 +282,10 @@ def check_torchrun(args: argparse.Namespace, work: Path, remaining_s: float) -> 
     env = dict(os.environ, NCCL_DEBUG="INFO", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=max(1.0, remaining_s))
     result: dict = {"command": " ".join(command), "returncode": proc.returncode}
+    result.update(_keep_log(proc, args.out, "torchrun"))
     failures = []
     if proc.returncode != 0:
         failures.append(f"exit status {proc.returncode}")
-        result["stderr_tail"] = proc.stderr[-3000:]
     report_path = out / "eval" / "report.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text())
@@ -306,6 +308,16 @@ def check_torchrun(args: argparse.Namespace, work: Path, remaining_s: float) -> 
         result["error"] = "; ".join(failures)
     result["ok"] = not failures
     return result
+
+
+def _keep_log(proc: subprocess.CompletedProcess, report: Path, name: str) -> dict:
+    """A subprocess's whole output beside the report, and its error lines (not the C++ frames) in it."""
+    log = report.with_name(f"{report.stem}_{name}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"$ stdout\n{proc.stdout}\n$ stderr\n{proc.stderr}")
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    errors = [line for line in lines if ("Error" in line or "error:" in line) and "frame #" not in line]
+    return {"log": str(log), "error_lines": errors[:20], "stderr_tail": proc.stderr[-1500:]}
 
 
 def _tiny_dataset(root: Path, per_class: int = 8) -> Path:
@@ -339,18 +351,13 @@ def check_speed(args: argparse.Namespace, work: Path, remaining_s: float) -> dic
     out = work / "speed.json"
     command = [sys.executable, "-m", "masm", "bench", "speed", "--device", args.device]
     command += ["--backbone", args.speed_backbone, "--methods", methods, "--out", str(out)]
-    command += ["--steps", str(args.speed_steps)] + (
-        ["--batch-size", "2", "--warmup", "0"] if args.device == "cpu" else []
-    )
+    command += ["--steps", str(args.speed_steps), "--batch-size", str(args.speed_batch_size)]
+    command += ["--warmup", "0"] if args.device == "cpu" else []
     proc = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, remaining_s))
     result: dict = {"command": " ".join(command), "returncode": proc.returncode}
+    result.update(_keep_log(proc, args.out, "speed"))
     if proc.returncode != 0 or not out.is_file():
-        return {
-            **result,
-            "ok": False,
-            "error": f"exit status {proc.returncode}",
-            "stderr_tail": proc.stderr[-3000:],
-        }
+        return {**result, "ok": False, "error": f"exit status {proc.returncode}"}
     speed = json.loads(out.read_text())
     train = speed["train"]
     result["step_ms"] = {m: round(r["step_s"] * 1000, 3) for m, r in train.items()}

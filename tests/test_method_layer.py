@@ -326,7 +326,7 @@ def _train_steps(layer, steps=300, seed=0, guard=True):
         optimizer.zero_grad()
         loss.backward()
         if guard:
-            with subspace_update(layer, optimizer, layers=[layer]):
+            with subspace_update(layer, optimizer, groups=[layer]):
                 optimizer.step()
         else:
             optimizer.step()
@@ -413,3 +413,67 @@ def test_a_forward_whose_factors_changed_before_its_backward_fails_loudly():
     layer(x)  # rebuilds the operands the first forward saved
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         first.backward()
+
+
+def test_off_cpu_the_layer_passes_contiguous_rows_to_the_next_operation():
+    """CUDA's attention kernels reject the fused product's strided columns (seen on an H100: "query is not
+    correctly aligned", and cuDNN's attention backward failing); off CPU the layer's output and its input
+    gradient are contiguous. The meta device stands in for CUDA: same code path, shapes and strides only."""
+    from masm.method.layer import _LowRankLinear
+
+    d_in, d_out, km = 6, 5, 3
+    for device, contiguous in (("cpu", False), ("meta", True)):
+        x = torch.randn(2, 4, d_in, device=device, requires_grad=True)
+        weights = torch.randn(d_out + km, d_in + km, device=device)
+        bias = torch.randn(d_out + km, device=device)
+        U = torch.randn(d_out, km, device=device, requires_grad=True)
+        s = torch.rand(km, device=device, requires_grad=True)
+        V = torch.randn(d_in, km, device=device, requires_grad=True)
+        out = _LowRankLinear.apply(x, weights, bias, U, s, V)
+        (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        assert out.shape == (2, 4, d_out) and grad_x.shape == x.shape
+        assert out.is_contiguous() == contiguous, device
+        assert grad_x.is_contiguous() == contiguous, device
+
+
+# a rectangular layer (bases stored), and a square one guarding most directions (complements stored)
+@pytest.mark.parametrize("shape, guard_rank", [((20, 12), 0.5), ((64, 64), 0.75)])
+def test_group_guard_equals_the_per_layer_guard_and_skips_layers_without_gradients(shape, guard_rank):
+    from masm.method import LayerGroup, layer_groups, project_gradients, reproject_guarded
+
+    d_in, d_out = shape
+    config = MASMConfig(num_subspaces=2, subspace_rank=2, semantic_guard="project", guard_rank=guard_rank)
+    layers = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        base = nn.Linear(d_in, d_out)
+        layers.append(MASMLinear(base, decomposition.decompose(base.weight, "float64", False), config))
+    model = nn.Sequential(*layers)
+    (groups,) = layer_groups(model)
+    assert isinstance(groups, LayerGroup) and list(groups) == layers
+    assert layers[0].u_complement == (d_in == d_out)  # both ways of storing the basis are exercised
+    twins = copy.deepcopy(layers)
+    x = torch.randn(5, d_in)
+    for layer in (*layers[:2], *twins[:2]):  # layer 2 takes no part: no gradient, and it must stay as it is
+        layer(x).pow(2).sum().backward()
+    for layer in twins:
+        layer.project_gradients_()
+    project_gradients(model, [groups])
+    for layer, twin in zip(layers, twins):
+        for name in ("U", "V"):
+            grad, expected = getattr(layer, name).grad, getattr(twin, name).grad
+            assert (grad is None) == (expected is None)
+            if grad is not None:
+                assert torch.allclose(grad, expected, atol=1e-6)
+    with torch.no_grad():
+        for layer in (*layers, *twins):
+            layer.U.add_(0.05)  # leave the complement, as Adam's scaling does
+            layer.V.add_(0.05)
+    untouched = layers[2].U.detach().clone()
+    for layer in twins:
+        layer.reproject_()
+    reproject_guarded(model, [groups])
+    assert torch.equal(layers[2].U, untouched)
+    for layer, twin in zip(layers[:2], twins[:2]):
+        assert torch.allclose(layer.U, twin.U, atol=1e-6) and torch.allclose(layer.V, twin.V, atol=1e-6)
+        assert layer.guard_overlap() <= 1e-10 + twin.guard_overlap()

@@ -49,6 +49,7 @@ class SpeedSettings:
     warmup: int = 2
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
+    precision: str = "auto"  # as the trainer's: bf16 autocast on CUDA, fp32 on CPU (TF32 matmuls on CUDA)
 
 
 def add_arguments(parser) -> None:
@@ -64,6 +65,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", default=",".join(TRAIN_METHODS), help="comma-separated training methods")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="as in training: auto is bf16 autocast on CUDA and fp32 on CPU",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
@@ -71,7 +78,13 @@ def run(args) -> int:
     from ..errors import MasmError
 
     settings = SpeedSettings(
-        args.backbone, args.batch_size, args.steps, args.warmup, args.device, args.threads
+        args.backbone,
+        args.batch_size,
+        args.steps,
+        args.warmup,
+        args.device,
+        args.threads,
+        getattr(args, "precision", "auto"),
     )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(TRAIN_METHODS))
@@ -151,7 +164,8 @@ def format_results(results: dict) -> str:
         [name, r["step_s"] * 1000, r["peak_mem_mb"], r["trainable"]] for name, r in results["train"].items()
     ]
     out = [
-        f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']} "
+        f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']}, "
+        f"precision {s.get('precision', 'auto')} "
         f"(median of {s['steps']} after {s['warmup']} warm-up)",
         format_table(rows, ["method", "step ms", "training memory MB", "trainable params"]),
         "",
@@ -200,8 +214,12 @@ def _setup(settings: SpeedSettings):
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    from ..precision import configure_matmul_precision
+
     torch.manual_seed(0)
-    return torch.device(settings.device)
+    device = torch.device(settings.device)
+    configure_matmul_precision(device)  # what the trainer does: TF32 for whatever runs in fp32 on CUDA
+    return device
 
 
 def _build(method: str, settings: SpeedSettings):
@@ -240,6 +258,7 @@ class _TrainingStep:
         self.detector, self.masm_config = _build(method, settings)
         self.detector.to(device).train()
         self.device = device
+        self.precision = settings.precision
         size = self.detector.preprocessing.input_size
         generator = torch.Generator().manual_seed(0)  # the same batch for every method
         self.x = torch.randn(settings.batch_size, 3, size, size, generator=generator).to(device)
@@ -248,9 +267,8 @@ class _TrainingStep:
         self.optimizer = make_optimizer(self.params, "adam", lr=1e-4)  # the trainer's optimizer
         from ..method import layer_groups
 
-        # what the trainer keeps: the MASM layers, grouped by shape for the batched regularisers
+        # what the trainer keeps: the MASM layers, grouped by shape for the batched guard and regularisers
         self.groups = layer_groups(self.detector)
-        self.layers = [layer for group in self.groups for layer in group]
         self.controller = None
         if self.masm_config is not None and self.masm_config.mask.enabled:
             from ..method import SelectiveMaskController
@@ -259,12 +277,14 @@ class _TrainingStep:
 
     def __call__(self) -> None:
         from ..method import subspace_update, total_loss
+        from ..precision import autocast_for
 
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.detector(self.x)
-        loss, _ = total_loss(logits, self.y, self.detector, self.masm_config, self.groups)
+        with autocast_for(self.device, self.precision):
+            logits = self.detector(self.x)
+        loss, _ = total_loss(logits.float(), self.y, self.detector, self.masm_config, self.groups)
         loss.backward()
-        with subspace_update(self.detector, self.optimizer, self.controller, self.layers):
+        with subspace_update(self.detector, self.optimizer, self.controller, self.groups):
             self.optimizer.step()
         _sync(self.device)
 
@@ -340,7 +360,9 @@ def _infer_worker(method: str, settings: SpeedSettings) -> dict:
     size = plain.preprocessing.input_size
     x = torch.randn(settings.batch_size, 3, size, size, device=device)
     times = {"plain": [], "merged": []}
-    with torch.inference_mode():
+    from ..precision import autocast_for
+
+    with torch.inference_mode(), autocast_for(device, settings.precision):
         for i in range(settings.warmup + settings.steps):
             for name, model in (
                 (("plain", plain), ("merged", merged))

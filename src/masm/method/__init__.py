@@ -11,11 +11,13 @@ from .apply import (
     subspace_update,
 )
 from .config import MaskConfig, MASMConfig
+from .groups import LayerGroup, layer_groups
 from .layer import MASMLinear
-from .losses import layer_groups, regularizers, total_loss
+from .losses import regularizers, total_loss
 from .mask import SelectiveMaskController
 
 __all__ = [
+    "LayerGroup",
     "MASMConfig",
     "MASMLinear",
     "MaskConfig",

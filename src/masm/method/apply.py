@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError
 from .config import MASMConfig
 from .decomposition import decompose
+from .groups import LayerGroup, layer_groups
 from .layer import MASMLinear
 
 logger = logging.getLogger(__name__)
@@ -63,49 +64,57 @@ def merge_masm(model: nn.Module) -> nn.Module:
     return model
 
 
-def project_gradients(model: nn.Module, layers: list[MASMLinear] | None = None) -> None:
+def project_gradients(model: nn.Module, groups: list | None = None) -> None:
     """Between backward and the optimizer step: project every artifact gradient out of its guarded
-    directions (``semantic_guard: project`` layers only). ``layers``: the model's MASM layers, if the
-    caller keeps them."""
-    for layer in layers if layers is not None else [m for _, m in masm_layers(model)]:
-        layer.project_gradients_()
+    directions (``semantic_guard: project`` layers only), batched per shape group. ``groups``: from
+    :func:`~masm.method.layer_groups`, if the caller keeps them (a flat list of layers is grouped here)."""
+    for group in _as_groups(model, groups):
+        group.project_gradients_()
 
 
-def reproject_guarded(model: nn.Module, layers: list[MASMLinear] | None = None) -> None:
+def reproject_guarded(model: nn.Module, groups: list | None = None) -> None:
     """After an optimizer step: project every updated artifact factor out of its guarded directions.
 
     Only ``semantic_guard: project`` layers do anything; factors without a gradient (a layer paused whole
-    by the selective mask) are left untouched. ``layers``: the model's MASM layers, if the caller keeps
-    them.
+    by the selective mask) are left untouched. ``groups`` as for :func:`project_gradients`.
     """
-    for layer in layers if layers is not None else [m for _, m in masm_layers(model)]:
-        layer.reproject_()
+    for group in _as_groups(model, groups):
+        group.reproject_()
 
 
 @contextmanager
-def subspace_update(model: nn.Module, optimizer, controller=None, layers: list[MASMLinear] | None = None):
+def subspace_update(model: nn.Module, optimizer, controller=None, groups: list | None = None):
     """Wrap the optimizer step of a MASM model: the semantic guard and the selective mask around it.
 
     ::
 
         loss.backward()
-        with subspace_update(model, optimizer, controller, layers):
+        with subspace_update(model, optimizer, controller, groups):
             optimizer.step()
 
     Before the step: gradients projected out of the guarded directions, then the mask controller (if any)
     observes them and sets the paused subspaces aside. After it: the updated factors re-projected (Adam's
     scaling and weight decay leave the complement), then the paused subspaces' values and moments put back.
     The guard is exact this way, and it lives in plain functions of the layer's buffers, so any copy of the
-    model keeps it.
+    model keeps it. ``groups``: :func:`~masm.method.layer_groups` of the model, computed once by the caller
+    (default: found here, at a module walk per call); a flat list of layers is grouped here.
     """
-    layers = layers if layers is not None else [m for _, m in masm_layers(model)]
-    project_gradients(model, layers)
+    groups = _as_groups(model, groups)
+    project_gradients(model, groups)
     if controller is not None:
         controller.step(optimizer)
     yield
-    reproject_guarded(model, layers)
+    reproject_guarded(model, groups)
     if controller is not None:
         controller.restore()
+
+
+def _as_groups(model: nn.Module, groups: list | None) -> list[LayerGroup]:
+    if groups is None:
+        return layer_groups(model)
+    if all(isinstance(g, LayerGroup) for g in groups):
+        return groups
+    return layer_groups(groups)  # a flat list of layers
 
 
 def masm_layers(model: nn.Module) -> list[tuple[str, MASMLinear]]:

@@ -297,7 +297,7 @@ class _LowRankLinear(torch.autograd.Function):
         # x V s is copied out (tokens × Km) so that backward does not keep the whole output alive
         ctx.save_for_backward(x2, weights, V, s, both[:, d_out:].clone())
         ctx.shapes = (x.shape, d_out, d_in)
-        return both[:, :d_out].view(*x.shape[:-1], d_out)
+        return _rows_for_device(both[:, :d_out]).view(*x.shape[:-1], d_out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -308,7 +308,7 @@ class _LowRankLinear(torch.autograd.Function):
         grad_x = grad_U = grad_s = grad_V = None
         if ctx.needs_input_grad[0]:
             both = g @ weights[:d_out]  # [g W_eff | g U]
-            grad_x, g_low = both[:, :d_in].view(x_shape), both[:, d_in:]
+            grad_x, g_low = _rows_for_device(both[:, :d_in]).view(x_shape), both[:, d_in:]
         else:
             g_low = g @ weights[:d_out, d_in:]
         # Km × d products, transposed afterwards: the reduction over tokens then runs along contiguous rows
@@ -320,6 +320,17 @@ class _LowRankLinear(torch.autograd.Function):
             grad_s = (grad_Vs * V).sum(0)
             grad_V = grad_Vs * s
         return grad_x, None, None, grad_U, grad_s, grad_V
+
+
+def _rows_for_device(columns: torch.Tensor) -> torch.Tensor:
+    """The leading columns of a fused product, as the next operation can take them.
+
+    On CPU the strided view goes on as it is (a copy costs a pass over the activations, measurable there).
+    CUDA's attention kernels reject it: the memory-efficient kernel needs aligned row strides ("query is
+    not correctly aligned") and cuDNN's attention fails on them in backward, so off CPU the rows are made
+    contiguous; the copy is a small fraction of a GPU step.
+    """
+    return columns if columns.device.type == "cpu" else columns.contiguous()
 
 
 def _project(grad: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .apply import masm_layers
 from .config import MASMConfig
-
-
-def layer_groups(model: nn.Module) -> list[list]:
-    """The model's MASM layers grouped by shape (what the batched regularisers stack).
-
-    Computed once by a trainer and passed to :func:`total_loss`, so a step does not walk the module tree.
-    """
-    groups: dict[tuple, list] = defaultdict(list)
-    for _, layer in masm_layers(model):
-        key = (layer.out_features, layer.in_features, layer.num_subspaces, layer.subspace_rank)
-        groups[key].append(layer)
-    return list(groups.values())
+from .groups import layer_groups
 
 
 def regularizers(

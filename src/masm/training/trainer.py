@@ -309,7 +309,6 @@ class _Run:
         masm_cfg = cfg.model.method.masm_config
         self.masm_cfg = masm_cfg
         self.layer_groups = layer_groups(self.detector)  # found once, not by a module walk every step
-        self.masm_layers = [layer for group in self.layer_groups for layer in group]
         self.controller = None
         if masm_cfg is not None and masm_cfg.mask.enabled:
             self.controller = SelectiveMaskController(self.detector, masm_cfg.mask, self.out / "masks.jsonl")
@@ -597,7 +596,7 @@ class _Run:
             group["lr"] = lr
         # gradients are DDP-averaged here. The guard projects them; the mask sets paused subspaces aside and
         # puts them back after the step; the guard holds exactly after Adam and weight decay.
-        with subspace_update(self.detector, self.optimizer, self.controller, self.masm_layers):
+        with subspace_update(self.detector, self.optimizer, self.controller, self.layer_groups):
             if self.config.optim.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(
                     self.detector.trainable_parameters(), self.config.optim.max_grad_norm
