@@ -419,17 +419,24 @@ def test_off_cpu_the_layer_passes_contiguous_rows_to_the_next_operation():
     """CUDA's attention kernels reject the fused product's strided columns (seen on an H100: "query is not
     correctly aligned", and cuDNN's attention backward failing); off CPU the layer's output and its input
     gradient are contiguous. The meta device stands in for CUDA: same code path, shapes and strides only."""
-    from masm.method.layer import _LowRankLinear
+    from masm.method.layer import _LowRankLinear, fuse
 
     d_in, d_out, km = 6, 5, 3
     for device, contiguous in (("cpu", False), ("meta", True)):
         x = torch.randn(2, 4, d_in, device=device, requires_grad=True)
-        weights = torch.randn(d_out + km, d_in + km, device=device)
-        bias = torch.randn(d_out + km, device=device)
         U = torch.randn(d_out, km, device=device, requires_grad=True)
         s = torch.rand(km, device=device, requires_grad=True)
         V = torch.randn(d_in, km, device=device, requires_grad=True)
-        out = _LowRankLinear.apply(x, weights, bias, U, s, V)
+        with torch.no_grad():
+            operands = fuse(
+                torch.randn(d_out, d_in, device=device),
+                torch.randn(d_out, device=device),
+                U,
+                s,
+                V,
+                torch.float32,
+            )
+        out = _LowRankLinear.apply(x, *operands, U, s, V)
         (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
         assert out.shape == (2, 4, d_out) and grad_x.shape == x.shape
         assert out.is_contiguous() == contiguous, device

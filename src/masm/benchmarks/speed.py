@@ -24,7 +24,9 @@ Inference compares the merged MASM detector with the plain backbone (+ head), in
 Memory: on CUDA, peak allocated bytes above those allocated after the model was built. On CPU there is no
 allocator to ask, and the resident set size mostly shows what glibc keeps cached, so the training memory is
 counted exactly from the tensors instead: activations saved for backward (unique storages, through
-``torch.autograd.graph.saved_tensors_hooks``) + gradients + optimizer state.
+``torch.autograd.graph.saved_tensors_hooks``) + gradients + optimizer state. ``ops/step``: the ATen
+operations one training step dispatches (:func:`count_dispatched_ops`), what bounds a GPU step at small
+batches.
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METH
                 ratios["path_only_vs_floor_step"] = step_ratio("masm-path-only", "frozen-floor")
         if "full" in train:
             ratios["masm_vs_full_peak_mem"] = masm["peak_mem_mb"] / train["full"]["peak_mem_mb"]
+        if "frozen-floor" in train:
+            ratios["masm_vs_floor_ops"] = masm["ops_per_step"] / train["frozen-floor"]["ops_per_step"]
     if "frozen-floor" in train and "effort-reference" in train:
         # The best masm_vs_effort_step any adapter of these layers could reach here.
         ratios["floor_vs_effort_step"] = step_ratio("frozen-floor", "effort-reference")
@@ -161,13 +165,14 @@ def format_results(results: dict) -> str:
 
     s = results["settings"]
     rows = [
-        [name, r["step_s"] * 1000, r["peak_mem_mb"], r["trainable"]] for name, r in results["train"].items()
+        [name, r["step_s"] * 1000, r["peak_mem_mb"], r["trainable"], r.get("ops_per_step", "")]
+        for name, r in results["train"].items()
     ]
     out = [
         f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']}, "
         f"precision {s.get('precision', 'auto')} "
         f"(median of {s['steps']} after {s['warmup']} warm-up)",
-        format_table(rows, ["method", "step ms", "training memory MB", "trainable params"]),
+        format_table(rows, ["method", "step ms", "training memory MB", "trainable params", "ops/step"]),
         "",
         "Inference (batch forward, no grad)",
         format_table(
@@ -322,7 +327,32 @@ def _memory_worker(method: str, settings: SpeedSettings) -> dict:
         peak_mb = memory.peak_mb
     else:
         peak_mb = _training_memory_mb(step.detector, step.x, step.params, step.optimizer)
-    return {"peak_mem_mb": peak_mb, "trainable": sum(p.numel() for p in step.params)}
+    return {
+        "peak_mem_mb": peak_mb,
+        "trainable": sum(p.numel() for p in step.params),
+        "ops_per_step": count_dispatched_ops(step),
+    }
+
+
+def count_dispatched_ops(fn) -> int:
+    """ATen operations ``fn()`` dispatches (views included), counted by a ``TorchDispatchMode``.
+
+    Each costs host time to dispatch, and each that computes launches at least one kernel on a GPU, where a
+    step with small batches is bound by that count rather than by arithmetic. Unlike a time, the count does
+    not depend on the machine's load: it shows a change of the GPU path's overhead on any machine.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        fn()
+    return counter.count
 
 
 def _training_memory_mb(detector, x, params, optimizer) -> float:

@@ -59,8 +59,8 @@ class SelectiveMaskController:
         self.mask = torch.ones(L, K, dtype=torch.bool)
         self.log_path = Path(log_path) if log_path else None
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, columns, values)
-        self._columns_for: torch.Tensor | None = None  # the mask that _columns were computed for
-        self._columns: dict[int, torch.Tensor] = {}
+        self._plan_for: torch.Tensor | None = None  # the mask that _plan was computed for
+        self._plan: list[tuple[nn.Module, torch.Tensor | None]] = []
 
     @property
     def layer_names(self) -> list[str]:
@@ -148,12 +148,9 @@ class SelectiveMaskController:
         (every state tensor shaped like the parameter) are saved.
         """
         self._saved = []
-        for i, (_, layer) in enumerate(self.layers):
-            active = self.mask[i]
-            if bool(active.all()):
-                continue
+        for layer, paused in self._pause_plan():
             factors = (layer.U, layer.s, layer.V)
-            if not bool(active.any()):
+            if paused is None:
                 for p in factors:
                     p.grad = None
                 continue
@@ -162,7 +159,6 @@ class SelectiveMaskController:
                     "some subspaces of a layer are paused and others are not: pass the optimizer to "
                     "SelectiveMaskController.step(), so that the paused ones keep their optimizer moments"
                 )
-            paused = self._paused_columns(i)
             for p in factors:
                 if p.grad is not None:
                     p.grad.index_fill_(-1, paused, 0)
@@ -170,18 +166,24 @@ class SelectiveMaskController:
                 for tensor in [p, *(t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape)]:
                     self._saved.append((tensor, paused, tensor.index_select(-1, paused)))
 
-    def _paused_columns(self, i: int) -> torch.Tensor:
-        """Column indices of layer i's paused subspaces, on its device; recomputed only when the mask
-        changed (every ``interval`` steps), not at every step."""
-        if self._columns_for is None or not torch.equal(self._columns_for, self.mask):
-            self._columns_for = self.mask.clone()
-            self._columns = {}
-        if i not in self._columns:
-            layer = self.layers[i][1]
-            m = layer.subspace_rank
-            paused = torch.arange(layer.num_subspaces * m).view(-1, m)[~self.mask[i]].reshape(-1)
-            self._columns[i] = paused.to(layer.U.device)
-        return self._columns[i]
+    def _pause_plan(self) -> list[tuple[nn.Module, torch.Tensor | None]]:
+        """``(layer, paused columns on its device)`` of every layer with a paused subspace, ``None`` for a
+        layer paused whole; recomputed only when the mask changed (every ``interval`` steps), so a step
+        neither inspects the mask layer by layer nor copies indices to the device."""
+        if self._plan_for is None or not torch.equal(self._plan_for, self.mask):
+            plan = []
+            for i, (_, layer) in enumerate(self.layers):
+                active = self.mask[i]
+                if bool(active.all()):
+                    continue
+                if not bool(active.any()):
+                    plan.append((layer, None))
+                    continue
+                m = layer.subspace_rank
+                paused = torch.arange(layer.num_subspaces * m).view(-1, m)[~active].reshape(-1)
+                plan.append((layer, paused.to(layer.U.device)))
+            self._plan, self._plan_for = plan, self.mask.clone()
+        return self._plan
 
     @torch.no_grad()
     def restore(self) -> None:
