@@ -86,7 +86,7 @@ def run(args) -> int:
         args.warmup,
         args.device,
         args.threads,
-        getattr(args, "precision", "auto"),
+        args.precision,
     )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(TRAIN_METHODS))
@@ -287,7 +287,7 @@ class _TrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_for(self.device, self.precision):
             logits = self.detector(self.x)
-        loss, _ = total_loss(logits.float(), self.y, self.detector, self.masm_config, self.groups)
+        loss, _ = total_loss(logits, self.y, self.detector, self.masm_config, self.groups)
         loss.backward()
         with subspace_update(self.detector, self.optimizer, self.controller, self.groups):
             self.optimizer.step()

@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .layer import MASMLinear
+from .layer import MASMLinear, _project
 
 
 class LayerGroup(list):
@@ -67,9 +67,7 @@ class LayerGroup(list):
             if not rows:
                 continue
             basis = bases[side] if len(rows) == len(self) else bases[side][rows]
-            stacked = torch.stack([tensors[i] for i in rows])
-            inside = basis @ (basis.mT @ stacked)  # a basis of the complement holds what is kept
-            projected = inside if complement else stacked - inside
+            projected = _project(torch.stack([tensors[i] for i in rows]), basis, complement)
             torch._foreach_copy_([tensors[i] for i in rows], list(projected.unbind(0)))
 
 

@@ -53,7 +53,7 @@ class MASMLinear(nn.Module):
         weight_sem = weight - (U[:, residual] * S[residual]) @ Vh[residual]
         self.register_buffer("weight_sem", weight_sem.to(device, dtype))
         self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
-        self._fused: tuple | None = None  # (key, weights, bias): see _fused_operands
+        self._fused: tuple | None = None  # (key, FusedOperands): see _fused_operands
         self.U = nn.Parameter(U[:, residual].to(device, torch.float32).contiguous())
         self.s = nn.Parameter(S[residual].to(device, torch.float32).contiguous())
         self.V = nn.Parameter(Vh[residual].T.to(device, torch.float32).contiguous())
@@ -356,10 +356,10 @@ def _rows_for_device(columns: torch.Tensor) -> torch.Tensor:
 
 
 def _project(grad: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
-    """``(I − U_sem U_semᵀ) grad``, from the semantic basis or from its complement."""
-    if is_complement:
-        return basis @ (basis.T @ grad)
-    return grad - basis @ (basis.T @ grad)
+    """``(I − U_sem U_semᵀ) grad``, from the semantic basis or from its complement; batched over leading
+    dimensions (a :class:`~masm.method.LayerGroup` passes its layers stacked)."""
+    inside = basis @ (basis.mT @ grad)
+    return inside if is_complement else grad - inside
 
 
 def _overlap(Q: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
