@@ -8,6 +8,9 @@ Library entry points (PEFT-style)::
 
     from masm import create_detector, load_checkpoint
     detector = create_detector("clip-vit-l14", "masm")
+
+    import masm
+    maps = masm.explain(detector, images)   # one map in [0, 1] per image: where the evidence for "fake" is
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ _EXPORTS = {
     "save_checkpoint": "masm.models",
 }
 
-__all__ = list(_EXPORTS)
+# Callable packages: `masm.explain(detector, images)` (the package itself is callable, see its docstring).
+_CALLABLE_PACKAGES = ("explain",)
+
+__all__ = [*_EXPORTS, *_CALLABLE_PACKAGES]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _CALLABLE_PACKAGES:
+        return importlib.import_module(f"masm.{name}")
     raise AttributeError(f"module 'masm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_CALLABLE_PACKAGES])

@@ -43,6 +43,9 @@ class BackboneFamily:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     requires: str | None = None  # an optional package the family needs
+    # Where the encoder's transformer blocks are (the first that exists; names differ across transformers
+    # versions). Explanation maps read the token sequence entering one of them.
+    block_paths: tuple[str, ...] = ("encoder.layers",)
 
     # -- building ---------------------------------------------------------------------------------------
     def check_available(self) -> None:
@@ -95,6 +98,24 @@ class BackboneFamily:
 
     def preprocessing(self, model: nn.Module) -> Preprocessing:
         return Preprocessing(input_size=self.input_size(model), mean=self.mean, std=self.std)
+
+    def blocks(self, model: nn.Module) -> nn.Module:
+        """The encoder's blocks, in order (an ``nn.ModuleList`` or ``nn.Sequential``).
+
+        Every block takes the token sequence ``(N, T, D)`` as its first argument, and the patch tokens are
+        the last ``(input_size / patch_size)²`` of them (class and register tokens come first).
+        """
+        for path in self.block_paths:
+            try:
+                return model.get_submodule(path)
+            except AttributeError:
+                continue
+        raise MasmError(
+            f"backbone family {self.name!r}: no encoder blocks at {' or '.join(self.block_paths)}"
+        )
+
+    def patch_size(self, model: nn.Module) -> int:
+        return int(model.config.patch_size)
 
 
 class ClipFamily(BackboneFamily):
@@ -149,6 +170,7 @@ class Dinov2Family(BackboneFamily):
     attention_targets = r"encoder\.layer\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj|attention\.(query|key|value)|output\.dense)$"
     mlp_targets = r"encoder\.layer\.\d+\.mlp\.(fc1|fc2|weights_in|weights_out)$"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    block_paths = ("encoder.layer",)
 
     def input_size(self, model: nn.Module) -> int:
         # config.image_size is the pretraining resolution (518); DINOv2's processor feeds 224 px crops.
@@ -162,6 +184,7 @@ class Dinov3Family(BackboneFamily):
     attention_targets = r"layer\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)$"
     mlp_targets = r"layer\.\d+\.mlp\.(up_proj|down_proj|gate_proj)$"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    block_paths = ("model.layer", "layer")
 
 
 class TimmFamily(BackboneFamily):
@@ -173,6 +196,7 @@ class TimmFamily(BackboneFamily):
     attention_targets = r"blocks\.\d+\.attn\.(qkv\.(q_proj|k_proj|v_proj)|proj)$"
     mlp_targets = r"blocks\.\d+\.mlp\.(fc1|fc2)$"
     requires = "timm"
+    block_paths = ("timm_model.blocks",)
 
     def config_from_dict(self, config: dict[str, Any]):
         # TimmWrapperConfig reads its label count from num_classes; the detector never uses timm's head.
@@ -205,6 +229,9 @@ class TimmFamily(BackboneFamily):
 
     def feature_dim(self, model: nn.Module) -> int:
         return int(model.timm_model.num_features)
+
+    def patch_size(self, model: nn.Module) -> int:
+        return int(model.timm_model.patch_embed.patch_size[0])
 
     def input_size(self, model: nn.Module) -> int:
         patch_embed = getattr(model.timm_model, "patch_embed", None)

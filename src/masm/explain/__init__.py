@@ -1,0 +1,31 @@
+"""Explanation maps: where in an image a detector finds the evidence for "fake".
+
+``masm.explain(detector, images)`` returns one map per image, float32 in [0, 1] at the image's size
+(:func:`masm.explain.gradcam.explain`): Grad-CAM over the ViT's patch tokens, one forward and one
+backward per batch, for every backbone family, merged or not.
+
+- :mod:`.gradcam`: the maps (:class:`TokenGradCAM`, :func:`explain`);
+- :mod:`.geometry`: maps carried back from the model input onto the frame (resize, face alignment);
+- :mod:`.render`: overlays, video contact sheets and example sheets for reports;
+- :mod:`.localization`: pixel AUC and pointing game against a known forgery region, and baseline maps.
+
+This package is also callable, so that ``masm.explain(detector, images)`` works whether ``masm.explain``
+was reached as the package (after any ``import masm.explain...``) or through ``masm``'s lazy exports.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+from .gradcam import Explanation, TokenGradCAM, explain
+
+__all__ = ["Explanation", "TokenGradCAM", "explain"]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return explain(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
