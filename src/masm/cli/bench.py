@@ -10,6 +10,7 @@ BENCHMARKS = {
     "quality": ("quality", "leave-family-out generalisation of every method on synthetic forgeries"),
     "preprocess": ("preprocess_speed", "face preprocessing throughput on a 720p clip"),
     "detect": ("detect_speed", "detect throughput (files -> scores) vs a plain backbone forward"),
+    "serve": ("serve", "masm serve over loopback: concurrent clients vs one at a time (batching)"),
 }
 
 

@@ -14,7 +14,7 @@ import sys
 from masm.errors import MasmError
 
 # Subcommand modules under masm.cli, in the order ``--help`` lists them.
-COMMANDS = ["train", "eval", "detect", "export", "importer", "preprocess", "synth", "demo", "bench"]
+COMMANDS = ["train", "eval", "detect", "serve", "export", "importer", "preprocess", "synth", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

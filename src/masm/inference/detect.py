@@ -135,6 +135,17 @@ class Scorer:
         while pending:
             yield self._finish(pending.popleft())
 
+    def prepare(self, item: Input) -> tuple[_Job, list[torch.Tensor]]:
+        """Decode one input into its model inputs, for callers that batch crops of many inputs themselves
+        (``masm serve``): score the crops with :meth:`score_tensor`, then hand their scores to :meth:`finish`.
+        A bad input comes back with ``error`` set in its result and no crops."""
+        return self._prepare(item)
+
+    def finish(self, job: _Job, scores: list[float]) -> dict:
+        """The result of a prepared input, given the scores of its crops in order."""
+        job.scores = [float(s) for s in scores]
+        return self._finish(job)
+
     @torch.no_grad()
     def score_tensor(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """P(fake) for a batch of preprocessed inputs (N, 3, S, S)."""
