@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,6 +48,8 @@ class BackboneFamily:
     # Where the encoder's transformer blocks are (the first that exists; names differ across transformers
     # versions). Explanation maps read the token sequence entering one of them.
     block_paths: tuple[str, ...] = ("encoder.layers",)
+    attention_name: str = "self_attn"  # each block's attention module
+    readout: str = "class"  # what the pooled feature reads: "class" (the first token) or "all" (tokens)
 
     # -- building ---------------------------------------------------------------------------------------
     def check_available(self) -> None:
@@ -117,6 +121,33 @@ class BackboneFamily:
     def patch_size(self, model: nn.Module) -> int:
         return int(model.config.patch_size)
 
+    def readout_of(self, model: nn.Module) -> str:
+        return self.readout
+
+    @contextmanager
+    def attention_probabilities(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
+        """While active, every forward appends each block's attention probabilities ``(N, heads, T, T)``
+        to the list yielded, in block order (part of the autograd graph, so they can be differentiated).
+
+        Hugging Face's fused (SDPA) attention returns no probabilities, so the model runs its eager
+        attention meanwhile (the same function, up to rounding) and gets its own back afterwards.
+        """
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        found: list[torch.Tensor] = []
+        hooks = [
+            getattr(block, self.attention_name).register_forward_hook(
+                lambda _m, _i, out: found.append(out[1])
+            )
+            for block in self.blocks(model)
+        ]
+        try:
+            yield found
+        finally:
+            for hook in hooks:
+                hook.remove()
+            model.set_attn_implementation(previous)
+
 
 class ClipFamily(BackboneFamily):
     name = "clip"
@@ -137,6 +168,7 @@ class SiglipFamily(BackboneFamily):
     attention_targets = r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
     mlp_targets = r"encoder\.layers\.\d+\.mlp\.(fc1|fc2)$"
     mean, std = HALF, HALF
+    readout = "all"  # no class token: the attention-pooling head reads every token
 
 
 class Siglip2Family(SiglipFamily):
@@ -171,6 +203,7 @@ class Dinov2Family(BackboneFamily):
     mlp_targets = r"encoder\.layer\.\d+\.mlp\.(fc1|fc2|weights_in|weights_out)$"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     block_paths = ("encoder.layer",)
+    attention_name = "attention"
 
     def input_size(self, model: nn.Module) -> int:
         # config.image_size is the pretraining resolution (518); DINOv2's processor feeds 224 px crops.
@@ -185,6 +218,7 @@ class Dinov3Family(BackboneFamily):
     mlp_targets = r"layer\.\d+\.mlp\.(up_proj|down_proj|gate_proj)$"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     block_paths = ("model.layer", "layer")
+    attention_name = "attention"
 
 
 class TimmFamily(BackboneFamily):
@@ -232,6 +266,27 @@ class TimmFamily(BackboneFamily):
 
     def patch_size(self, model: nn.Module) -> int:
         return int(model.timm_model.patch_embed.patch_size[0])
+
+    def readout_of(self, model: nn.Module) -> str:
+        return "class" if getattr(model.timm_model, "global_pool", "token") == "token" else "all"
+
+    @contextmanager
+    def attention_probabilities(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
+        # timm's Attention computes explicit probabilities (then its attn_drop) once fused_attn is off.
+        found: list[torch.Tensor] = []
+        attentions = [block.attn for block in self.blocks(model)]
+        previous = [attn.fused_attn for attn in attentions]
+        hooks = []
+        for attn in attentions:
+            attn.fused_attn = False
+            hooks.append(attn.attn_drop.register_forward_hook(lambda _m, _i, out: found.append(out)))
+        try:
+            yield found
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for attn, fused in zip(attentions, previous):
+                attn.fused_attn = fused
 
     def input_size(self, model: nn.Module) -> int:
         patch_embed = getattr(model.timm_model, "patch_embed", None)

@@ -1,0 +1,110 @@
+"""Explanation maps of a detector's P(fake): the methods, batching, and the public :func:`explain`.
+
+Default method: gradient-weighted attention relevance (Chefer et al.), :mod:`.relevance`. Grad-CAM over
+the patch tokens (:mod:`.gradcam`) is kept as ``method="grad-cam"``: on the demo detector it points
+*away* from the forged region (``masm bench explain``), because a ViT's token activations are signed and
+Grad-CAM's channel-weighted sum of them has no reliable sign. Both explain ``l_fake - l_real``, the logit
+of P(fake): the part of the two logits that moves the score (the common part of a 2-way softmax does not).
+
+Every map is ``(S, S)`` at the model input, bilinearly upsampled from the patch grid and min-max scaled per
+image to [0, 1] (a map without any positive evidence is all 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MasmError
+
+DEFAULT_METHOD = "relevance"
+
+
+@dataclass
+class Explanation:
+    """One batch explained: P(fake) per image and its map, ``(N, S, S)`` in [0, 1] at the model input."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+
+
+def scale_unit(maps: torch.Tensor) -> torch.Tensor:
+    """Each map min-max scaled to [0, 1]; a constant map becomes all 0."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat))
+    return scaled.reshape(maps.shape)
+
+
+def grid_to_input(patch_maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, g, g)`` patch-grid maps -> ``(N, size, size)`` in [0, 1]."""
+    up = F.interpolate(patch_maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    return scale_unit(up[:, 0])
+
+
+def fake_log_odds(logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits[:, 1] - logits[:, 0]
+
+
+def make_explainer(detector, method: str = DEFAULT_METHOD):
+    """The explainer ``method`` for ``detector``: ``explainer(pixel_values) -> Explanation``."""
+    from .gradcam import TokenGradCAM
+    from .relevance import AttentionRelevance
+
+    methods = {"relevance": AttentionRelevance, "grad-cam": TokenGradCAM}
+    if method not in methods:
+        raise MasmError(f"unknown explanation method {method!r}; known: {', '.join(methods)}")
+    return methods[method](detector)
+
+
+def explain_batches(
+    detector, pixel_values: torch.Tensor, *, batch_size: int = 32, method: str = DEFAULT_METHOD
+) -> Explanation:
+    """Explain ``pixel_values`` (N, 3, S, S) in batches on the detector's device; results on the CPU."""
+    device = next(detector.parameters()).device
+    explainer = make_explainer(detector, method)
+    parts = [explainer(chunk.to(device)) for chunk in pixel_values.split(batch_size)]
+    return Explanation(
+        scores=torch.cat([p.scores for p in parts]).cpu(), maps=torch.cat([p.maps for p in parts]).cpu()
+    )
+
+
+def explain(
+    detector,
+    images: torch.Tensor | Sequence[np.ndarray],
+    *,
+    batch_size: int = 32,
+    method: str = DEFAULT_METHOD,
+) -> list[np.ndarray]:
+    """Explanation maps of ``detector``'s P(fake), one float32 ``(H, W)`` array in [0, 1] per image.
+
+    ``images`` are either RGB ``uint8`` arrays ``(H, W, 3)`` of any size (preprocessed as the detector
+    expects; each map is returned at its image's size, zero outside the centre square the model saw), or
+    an already preprocessed batch ``(N, 3, S, S)`` (maps at ``S`` x ``S``). Merged or not, the detector is
+    not changed, and its parameters get no ``.grad``. One forward and one backward per ``batch_size``.
+    """
+    from ..data.transforms import build_transform
+    from .geometry import input_matrix, to_frame
+
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise MasmError(f"explain: expected a (N, 3, S, S) batch, got shape {tuple(images.shape)}")
+        result = explain_batches(detector, images, batch_size=batch_size, method=method)
+        return list(result.maps.numpy().astype(np.float32))
+    images = list(images)
+    if not images:
+        return []
+    transform = build_transform(detector.preprocessing, train=False)
+    pixels = torch.stack([transform(np.asarray(image)) for image in images])
+    maps = explain_batches(detector, pixels, batch_size=batch_size, method=method).maps.numpy()
+    size = detector.preprocessing.input_size
+    return [
+        to_frame(m, input_matrix(image.shape[0], image.shape[1], size), image.shape[:2])
+        for m, image in zip(maps, images)
+    ]
