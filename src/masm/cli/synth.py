@@ -27,6 +27,9 @@ def register(subparsers) -> None:
         default=1.0,
         help="artifact magnitude multiplier (1: subtle; the demo uses 3)",
     )
+    parser.add_argument(
+        "--masks", action="store_true", help="also write each fake's forgery region (masks/<family>/<id>.png)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -46,6 +49,7 @@ def run(args) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         strength=args.strength,
+        masks=args.masks,
     )
     counts = summary["counts"]
     print(f"wrote {counts['real']} real and {sum(counts['fake'].values())} fake crops to {args.out}")

@@ -19,6 +19,7 @@ from .labels import FAKE, REAL
 from .spec import FrameIndex, SkipLog, VideoEntry, build_index
 
 _METADATA = {".json", ".md", ".txt", ".yaml", ".yml"}
+_KNOWN = ("real", "fake", "masks")
 
 
 def read_folder(root: Path, *, frames_per_video: int, parity: bool = False, source: str = "") -> FrameIndex:
@@ -26,8 +27,9 @@ def read_folder(root: Path, *, frames_per_video: int, parity: bool = False, sour
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    # Documentation and metadata beside the two class folders (README, masm synth's synth.json) are fine.
-    stray = [p.name for p in entries if p.name not in ("real", "fake") and p.suffix.lower() not in _METADATA]
+    # Documentation and metadata beside the two class folders (README, masm synth's synth.json and its
+    # masks/ of forgery regions) are fine.
+    stray = [p.name for p in entries if p.name not in _KNOWN and p.suffix.lower() not in _METADATA]
     if stray or not any(p.is_dir() for p in entries):
         raise DataError(
             f"{root}: expected only 'real/' and 'fake/' folders (fake/<family>/ for families); "

@@ -12,8 +12,9 @@ from ordinary photographs:
   manipulation does.
 
 The output is a plain folder dataset (``OUT/real/<id>.png``, ``OUT/fake/<family>/<id>.png``) plus
-``OUT/synth.json`` with the parameters and counts. Every sample has its own random generator derived from
-``(seed, class, index)``, so a seed always gives the same bytes.
+``OUT/synth.json`` with the parameters and counts; with ``masks=True`` also each fake's region as
+``OUT/masks/<family>/<id>.png`` (8-bit, 255 = fully inside), which changes no crop. Every sample has its
+own random generator derived from ``(seed, class, index)``, so a seed always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -328,9 +329,20 @@ def forge(
 def make_fake(
     family: str, photos: Sequence[np.ndarray], rng: np.random.Generator, size: int, strength: float = 1.0
 ) -> np.ndarray:
+    return make_fake_with_region(family, photos, rng, size, strength)[0]
+
+
+def make_fake_with_region(
+    family: str, photos: Sequence[np.ndarray], rng: np.random.Generator, size: int, strength: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fake crop (uint8 RGB) and the region it was forged in (float32 H x W in [0, 1], feathered).
+
+    The region is where the forgery really is: explanation maps are scored against it. Post-processing is
+    global and keeps the geometry, so the region holds for the final crop.
+    """
     image = random_crop(photos, rng, size)
     region = random_region(rng, size)
-    return post_process(forge(image, family, region, rng, photos, strength), rng)
+    return post_process(forge(image, family, region, rng, photos, strength), rng), region[..., 0]
 
 
 def sample_rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -361,7 +373,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise DataError(f"output folder {out_dir} is not empty (pass overwrite=True / --overwrite)")
-        for name in ("real", "fake"):
+        for name in ("real", "fake", "masks"):
             shutil.rmtree(out_dir / name, ignore_errors=True)
         (out_dir / "synth.json").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -385,6 +397,7 @@ def synthesize(
     strength: float = 1.0,
     photos: Sequence[np.ndarray] | None = None,
     post: bool = True,
+    masks: bool = False,
 ) -> dict:
     """Write a synthetic ``folder:`` dataset to ``out_dir`` and return its summary (also in ``synth.json``).
 
@@ -398,6 +411,7 @@ def synthesize(
     ``photos``: the source photographs as arrays (instead of scikit-image's or ``real_dir``'s).
     ``post``: apply the shared global post-processing (``False`` writes raw real crops, e.g. as the real
     frames that pseudo-fakes are made from during training, which then post-process them themselves).
+    ``masks``: also write each fake's forgery region to ``OUT/masks/<family>/<id>.png``.
     """
     if not 0 < strength <= 10:
         raise ConfigError(f"strength must be in (0, 10], got {strength}")
@@ -422,6 +436,8 @@ def synthesize(
     (out_dir / "real").mkdir()
     for family in chosen:
         (out_dir / "fake" / family).mkdir(parents=True)
+        if masks:
+            (out_dir / "masks" / family).mkdir(parents=True)
 
     jobs = [("real", 0, i) for i in range(num_real)]
     for family in chosen:
@@ -434,8 +450,10 @@ def synthesize(
             crop = make_real(photos, rng, size) if post else to_uint8(random_crop(photos, rng, size))
             save_png(crop, out_dir / "real" / f"{index:06d}.png")
         else:
-            fake = make_fake(name, photos, rng, size, strength)
+            fake, region = make_fake_with_region(name, photos, rng, size, strength)
             save_png(fake, out_dir / "fake" / name / f"{index:06d}.png")
+            if masks:
+                save_png(to_uint8(region), out_dir / "masks" / name / f"{index:06d}.png")
         bar.update(1)
     bar.close()
 
@@ -456,6 +474,7 @@ def synthesize(
         "jpeg_probability": JPEG_PROBABILITY,
         "jpeg_quality": list(JPEG_QUALITY),
         "post_processed": post,
+        "masks": masks,
     }
     (out_dir / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
