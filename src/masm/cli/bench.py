@@ -11,6 +11,7 @@ BENCHMARKS = {
     "preprocess": ("preprocess_speed", "face preprocessing throughput on a 720p clip"),
     "detect": ("detect_speed", "detect throughput (files -> scores) vs a plain backbone forward"),
     "serve": ("serve", "masm serve over loopback: concurrent clients vs one at a time (batching)"),
+    "explain": ("explain_maps", "explanation maps vs the true forgery region: pixel AUC and pointing game"),
 }
 
 
