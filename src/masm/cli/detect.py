@@ -30,6 +30,12 @@ def register(subparsers) -> None:
     parser.add_argument("--no-face", action="store_true", help="score whole images (inputs are face crops)")
     parser.add_argument("--threshold", type=float, default=0.5, help="score >= threshold is 'fake'")
     parser.add_argument("--per-frame", action="store_true", help="add per-frame scores to video results")
+    parser.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="write explanation maps to DIR: each image and scored video frame overlaid with where the "
+        "evidence for 'fake' is (PNG), a contact sheet per video; adds 'explanation' to the JSON lines",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -44,6 +50,7 @@ def run(args) -> int:
         faces=not args.no_face,
         threshold=args.threshold,
         per_frame=args.per_frame,
+        explain_dir=args.explain,
     )
     options.validate()
     scorer = Scorer(args.checkpoint, options, device=_device(args.device))

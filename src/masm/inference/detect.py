@@ -3,6 +3,11 @@
 :class:`Scorer` turns paths into one result dict per input (see :data:`RESULT_KEYS`). Face crops of many
 inputs share a batch, and the model is merged (adapters folded into plain Linears), so the forward pass
 costs exactly what the plain backbone costs. A bad input gets ``error`` set and the run goes on.
+
+With ``explain_dir`` set, every batch is scored by :func:`masm.explain.make_explainer`'s explainer
+instead (the same forward, plus one backward) and every image and scored video frame gets its explanation
+map, carried back onto the original frame through the crop's matrix (:mod:`masm.explain.geometry`);
+without it no hook is installed and nothing else runs.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class ScorerOptions:
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "larger images are refused"})
     min_side: int = field(default=MIN_IMAGE_SIDE, metadata={"help": "smaller images are refused"})
     detect_width: int = field(default=640, metadata={"help": "width frames are scaled to for face detection"})
+    explain_dir: str | None = field(
+        default=None, metadata={"help": "write explanation maps (PNG overlays, video contact sheets) here"}
+    )
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.frames < 0 or not 0.0 <= self.threshold <= 1.0:
@@ -64,6 +72,11 @@ class _Job:
     scores: list[float | None] = field(default_factory=list)
     frame_ids: list[int] = field(default_factory=list)  # video frame index per frame slot
     faces_per_frame: list[int] = field(default_factory=list)
+    number: int = 0  # position among the inputs (names explanation files)
+    # With explanations only: each crop's frame -> model-input matrix and map, each frame slot's image.
+    matrices: list[np.ndarray] = field(default_factory=list)
+    maps: list[np.ndarray | None] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -110,6 +123,12 @@ class Scorer:
 
             self.aligner = FaceAligner(face_crop.size, face_crop.scale, self.options.detect_width)
             self.aligner.detect(np.zeros((8, 8, 3), np.uint8))  # fail now (MasmError) if dlib is missing
+        self.explainer = None
+        if self.options.explain_dir is not None:
+            from masm.explain import make_explainer
+
+            self.explainer = make_explainer(self.model)
+        self._count = 0
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -156,7 +175,8 @@ class Scorer:
     def _prepare(self, item: Input) -> tuple[_Job, list[torch.Tensor]]:
         result = dict.fromkeys(RESULT_KEYS)
         result.update(input=item.path, kind=item.kind)
-        job = _Job(result)
+        job = _Job(result, number=self._count)
+        self._count += 1
         if item.error is not None:
             result["error"] = item.error
             return job, []
@@ -176,6 +196,7 @@ class Scorer:
             result["error"] = f"{item.path}: cannot process ({type(err).__name__}: {err})"
             return job, []
         job.scores = [None] * len(crops)
+        job.maps = [None] * len(crops)
         return job, crops
 
     def _load_image(self, path: str) -> np.ndarray:
@@ -196,21 +217,24 @@ class Scorer:
         """
         is_image = job.result["kind"] == IMAGE
         per_frame: list[list[np.ndarray]] = []
+        per_frame_matrices: list[list[np.ndarray]] = []  # frame -> face crop, per face
         for _, rgb in frames:
             if self.aligner is None:
                 per_frame.append([])
+                per_frame_matrices.append([])
                 continue
             faces = self.aligner.detect(rgb)
             if not is_image:
                 faces = faces[:1]  # the protocol's choice for videos: the largest face
             per_frame.append([self.aligner.align(rgb, face) for face in faces])
+            per_frame_matrices.append([self.aligner.transform_for(face) for face in faces])
         total_faces = sum(len(c) for c in per_frame)
         job.result["faces"] = total_faces if self.aligner is not None else None  # None: not looked for
         if self.aligner is not None and total_faces == 0:
             where = "the image was" if is_image else "whole frames were"
             job.result["note"] = f"no face found; {where} scored"
         crops: list[torch.Tensor] = []
-        for (index, rgb), faces in zip(frames, per_frame):
+        for (index, rgb), faces, matrices in zip(frames, per_frame, per_frame_matrices):
             if total_faces and not faces:
                 continue
             slot = len(job.frame_ids)
@@ -219,15 +243,35 @@ class Scorer:
             for image in faces or [rgb]:
                 job.crop_frames.append(slot)
                 crops.append(self.transform(image))
+            if self.explainer is not None:
+                job.frames.append(rgb)
+                job.matrices += self._crop_matrices(rgb, matrices)
         job.result["frames"] = len(job.frame_ids)
         if not is_image and total_faces and len(job.frame_ids) < len(frames):
             job.result["note"] = f"{len(frames) - len(job.frame_ids)} of {len(frames)} frames had no face"
         return crops
 
+    def _crop_matrices(self, rgb: np.ndarray, face_matrices: list[np.ndarray]) -> list[np.ndarray]:
+        """Frame pixels -> model input pixels for each crop of a frame (its faces, else the whole frame)."""
+        from masm.explain.geometry import compose, input_matrix
+
+        size = self.preprocessing.input_size
+        if not face_matrices:
+            return [input_matrix(rgb.shape[0], rgb.shape[1], size)]
+        crop = self.aligner.crop_size
+        return [compose(input_matrix(crop, crop, size), m) for m in face_matrices]
+
     # -- scoring and results ------------------------------------------------------------------------------
 
     def _run_batch(self, entries: list[tuple[_Job, int, torch.Tensor]]) -> None:
-        scores = self.score_tensor(torch.stack([crop for _, _, crop in entries])).tolist()
+        batch = torch.stack([crop for _, _, crop in entries])
+        if self.explainer is None:
+            scores = self.score_tensor(batch).tolist()
+        else:
+            explained = self.explainer(batch.to(self.device))
+            scores = explained.scores.cpu().tolist()
+            for (job, slot, _), map_ in zip(entries, explained.maps.cpu().numpy()):
+                job.maps[slot] = map_
         for (job, slot, _), score in zip(entries, scores):
             job.scores[slot] = float(score)
 
@@ -248,4 +292,12 @@ class Scorer:
                 {"frame": index, "score": s, "faces": n}
                 for index, s, n in zip(job.frame_ids, frame_scores, job.faces_per_frame)
             ]
+        if self.explainer is not None:
+            from masm.explain.outputs import write_explanations
+
+            try:
+                result.update(write_explanations(self.options.explain_dir, job, frame_scores))
+            except OSError as err:
+                result["error"] = f"{result['input']}: cannot write its explanation ({err.strerror or err})"
+            job.frames, job.maps = [], []  # the images are not needed any more
         return result
