@@ -12,8 +12,9 @@ def register(subparsers) -> None:
         help="evaluate a checkpoint on test sets",
         description=(
             "Frame- and video-level AUC/AP/EER/ACC per test set and their mean: OUT/report.json, report.md, "
-            "roc.png, predictions.csv; with --perturb also robustness.json/.md/.png (AUC per perturbation "
-            "and level, level 0 = clean)."
+            "roc.png, predictions.csv, examples-NAME.png (top fakes, false alarms and misses with their "
+            "explanation maps); with --perturb also robustness.json/.md/.png (AUC per perturbation and "
+            "level, level 0 = clean)."
         ),
     )
     parser.add_argument("checkpoint", help="checkpoint directory (e.g. runs/x/checkpoints/best)")
@@ -41,6 +42,12 @@ def register(subparsers) -> None:
         action="store_true",
         help="DeepfakeBench parity: first-N frames and parent-folder video keys (labelled)",
     )
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=4,
+        help="per test set, sheet this many top-scoring fakes, false alarms and misses with their maps (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", help="report folder (default: beside the checkpoint)")
@@ -60,8 +67,8 @@ def run(args) -> int:
     from masm.errors import MasmError
     from masm.evaluation.evaluate import evaluate_checkpoint, summary_table, undefined_metric_notes
 
-    if args.frames < 0 or args.batch_size < 1 or args.workers < 0:
-        raise MasmError("--frames >= 0, --batch-size >= 1 and --workers >= 0 please")
+    if args.frames < 0 or args.batch_size < 1 or args.workers < 0 or args.examples < 0:
+        raise MasmError("--frames >= 0, --batch-size >= 1, --workers >= 0 and --examples >= 0 please")
     perturbations: list[tuple[str, int]] = []
     for text in args.perturb:
         perturbations += [p for p in parse_perturbation(text) if p not in perturbations]
@@ -80,6 +87,7 @@ def run(args) -> int:
         num_workers=args.workers,
         seed=args.seed,
         progress=not args.no_progress,
+        examples=args.examples,
     )
     print(summary_table(result))
     print(f"report: {result['report']}")

@@ -6,7 +6,9 @@
    generator (:mod:`masm.data.synth`);
 3. MASM and a baseline trained with the same trainer and budget;
 4. both evaluated on the training family, on the five families they never saw, and on forgeries made
-   from photos they never saw; a report, ROC curves and the mask heat map.
+   from photos they never saw; a report, ROC curves, the mask heat map and an example sheet (MASM's
+   highest-scoring fakes, false alarms and misses of the in-distribution test, each with its explanation
+   map).
 
 The trained MASM detector is left at ``OUT/model``: a checkpoint for ``masm eval`` and ``masm detect``.
 """
@@ -99,6 +101,9 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) ->
     if masks.is_file() and masks.stat().st_size:
         plot_mask_heatmap(masks, out_dir / "masks.png")
     shutil.copy(out_dir / "masm-eval" / "roc.png", out_dir / "roc.png")
+    examples = out_dir / "masm-eval" / "examples-in-distribution.png"
+    if examples.is_file():
+        shutil.copy(examples, out_dir / "examples.png")
 
     rows = [
         [
@@ -133,7 +138,9 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) ->
         f"fly; tested on the same families (in-distribution), on held-out families "
         f"{', '.join(splits.heldout_families)} (never seen in training), and on every family made from "
         f"photos never seen (unseen photos).\n\n"
-        f"{table}\n\n{splits.describe()}\n\nROC curves: roc.png; selective mask: masks.png; "
+        f"{table}\n\n{splits.describe()}\n\nROC curves: roc.png; selective mask: masks.png; where MASM "
+        "looks (in-distribution test: highest-scoring fakes, false alarms, misses, with their explanation "
+        "maps): examples.png; "
         f"detector: model/ (use with `masm eval` / `masm detect`). Took {seconds:.0f} s.\n"
     )
     print(table)

@@ -2,7 +2,8 @@
 
 - :func:`score_records` runs a detector over frames (failed frames are counted, never replaced);
 - :func:`evaluate_detector` scores data specs (clean and, optionally, under robustness perturbations) and
-  writes ``report.json``/``.md``, ``roc.png``, ``predictions.csv`` and the robustness report;
+  writes ``report.json``/``.md``, ``roc.png``, ``predictions.csv``, the robustness report and one example
+  sheet per test set (the frames people look at first, each with its explanation map);
 - :func:`evaluate_checkpoint` does the same for a checkpoint directory, with the merged model (inference
   at the plain backbone's speed) and the checkpoint's resolved config in the report's meta.
 """
@@ -210,6 +211,7 @@ def evaluate_detector(
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
     shard: Shard | None = None,
+    examples: int = 4,
 ) -> dict[str, Any] | None:
     """Score ``detector`` on every test set in ``specs`` (clean, then under each perturbation).
 
@@ -219,6 +221,8 @@ def evaluate_detector(
     written there. ``parity`` = DeepfakeBench parity (first-N frames, parent-folder video keys).
     ``shard`` spreads the frames over the processes of a ``torch.distributed`` group (every process calls
     this): rank 0 writes the reports and returns the result, the other ranks return None.
+    ``examples``: with ``out_dir``, ``examples-NAME.png`` per test set shows this many highest-scoring
+    fakes, false alarms and misses, each with its explanation map (:mod:`masm.explain.examples`; 0: none).
     """
     from ..data.transforms import build_transform
 
@@ -279,7 +283,12 @@ def evaluate_detector(
     }
     report_path = None
     if out_dir is not None:
-        report_path = write_eval_report(out_dir, datasets, predictions, full_meta)
+        sheets = {}
+        if examples > 0:
+            from ..explain.examples import write_example_sheets
+
+            sheets = write_example_sheets(detector, predictions, out_dir, examples)
+        report_path = write_eval_report(out_dir, datasets, predictions, full_meta, examples=sheets)
         if robustness:
             write_robustness_report(out_dir, robustness)
     return {

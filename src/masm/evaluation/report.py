@@ -80,6 +80,7 @@ def write_eval_report(
     datasets: Mapping[str, Mapping],
     predictions: Mapping[str, Sequence[tuple[str, str, int, float]]],
     meta: Mapping[str, Any],
+    examples: Mapping[str, Mapping] | None = None,
 ) -> Path:
     """Write report.json, report.md, roc.png and predictions.csv into ``out_dir``; return report.json's path.
 
@@ -87,12 +88,16 @@ def write_eval_report(
     ``predictions`` maps it to ``(path, video, label, score)`` per scored frame (for the CSV and the ROC
     curves). report.json is ``{"meta": meta, "datasets": {name: {"frame", "video", "skipped"}}, "mean":
     mean_over_datasets(datasets)}``. ``meta["parity"]`` true adds the parity-mode notice to report.md.
+    ``examples`` (:func:`masm.explain.examples.write_example_sheets`' result) adds ``"examples"`` to
+    report.json and the sheets to report.md.
     """
     if not datasets:
         raise MasmError(f"no evaluated datasets to report in {out_dir}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"meta": dict(meta), "datasets": dict(datasets), "mean": mean_over_datasets(datasets)}
+    if examples:
+        report["examples"] = dict(examples)
     json_path = out / "report.json"
     _write_json(json_path, report)
     (out / "report.md").write_text(_eval_markdown(report), encoding="utf-8")
@@ -142,6 +147,15 @@ def _eval_markdown(report: Mapping[str, Any]) -> str:
     parts.append(_level_table(datasets, mean, "frame", "frames"))
     parts.append("## Video level (mean frame score per video)\n")
     parts.append(_level_table(datasets, mean, "video", "videos"))
+    if report.get("examples"):
+        parts.append("## Where the detector looks\n")
+        parts.append(
+            "Per test set: the highest-scoring fakes, the highest-scoring reals (false alarms) and the "
+            "lowest-scoring fakes (misses), each with its explanation map (red: evidence for fake).\n"
+        )
+        parts.append(
+            "\n".join(f"![{name}]({entry['sheet']})" for name, entry in report["examples"].items()) + "\n"
+        )
     notes = _notes(datasets)
     if notes:
         parts.append("## Notes\n")
