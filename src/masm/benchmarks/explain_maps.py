@@ -10,8 +10,8 @@ three baselines, a uniform, a random and a plain input-gradient map.
 
 Spread: mean ± std over the seeds. A seed changes the detector (its data and training) and the random
 map, so the spread is how much the figures move between equally made demo detectors, not only the random
-map's noise. Also writes ``WORK/explain.json`` and ``WORK/explain.png`` (fakes with their true region and
-each method's map, for the first seed's detector).
+map's noise. Also writes ``WORK/explain.json`` and ``WORK/explain.png`` (four fakes with their true region
+and each method's map, for the first seed's detector).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def evaluate_seed(args, seed: int) -> dict:
     if seed == args.seeds[0]:
         from masm.explain.render import method_sheet
 
-        shown = {name: m[:6].numpy() for name, m in maps.items() if name != "uniform"}
-        method_sheet(images[:6], masks[:6], shown, args.work / "explain.png")
+        shown = {name: m[:4].numpy() for name, m in maps.items() if name != "uniform"}
+        method_sheet(images[:4], masks[:4], shown, args.work / "explain.png")
     scores: dict = {name: localization_scores(m.numpy(), masks) for name, m in maps.items()}
     scores["detection"] = {
         "fakes_flagged": float((relevance.scores >= 0.5).float().mean()),

@@ -32,7 +32,7 @@ def write_example_sheets(
     from masm.data.images import load_rgb
     from masm.errors import DataError
 
-    from .gradcam import explain
+    from .maps import explain
     from .render import example_sheet
 
     out_dir = Path(out_dir)

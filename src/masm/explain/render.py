@@ -127,4 +127,4 @@ def method_sheet(
             axes[r][0].set_title("fake, true region", fontsize=9)
         for ax in axes[r]:
             ax.axis("off")
-    return _save(fig, path)
+    return _save(fig, path, dpi=80)  # small enough to keep in the repository
