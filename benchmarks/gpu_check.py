@@ -217,7 +217,7 @@ def _train_steps(detector, x, y, precision: str, args: argparse.Namespace) -> di
 
     from masm.method import SelectiveMaskController, layer_groups, subspace_update, total_loss
     from masm.precision import autocast_for
-    from masm.training.trainer import make_optimizer
+    from masm.training import make_optimizer
 
     masm_config = detector.config.method.masm_config
     params = detector.trainable_parameters()

@@ -135,10 +135,10 @@ def test_trainer_learns_from_real_frames_alone_with_pseudo_fakes(tmp_path):
     # the trainer saw both classes: its training frames are reals turned into pseudo-fakes on the fly
     from masm.data.transforms import build_transform
     from masm.models.preprocessing import Preprocessing
-    from masm.training.trainer import _TrainFrames
+    from masm.training.data import TrainFrames
 
     records = open_dataset(f"folder:{tmp_path / 'reals'}").records
-    frames = _TrainFrames(
+    frames = TrainFrames(
         records, build_transform(Preprocessing(input_size=32), train=False), 0, config.data.pseudo_fakes
     )
     labels = [int(frames[i]["label"]) for i in range(len(records))]
@@ -148,12 +148,12 @@ def test_trainer_learns_from_real_frames_alone_with_pseudo_fakes(tmp_path):
 
 def test_real_only_drops_the_training_sets_own_fakes(tmp_path):
     from masm.training.config import train_config_from_dict
-    from masm.training.trainer import _open_data
+    from masm.training.data import open_run_data
 
     synth.synthesize(tmp_path / "ds", families=["noise"], per_family=5, num_real=7, size=32, progress=False)
     data = {"train": f"folder:{tmp_path / 'ds'}", "val": "none"}
     config = train_config_from_dict({"data": data})
-    assert {r.label for r in _open_data(config, None, None, None).train.records} == {0, 1}
+    assert {r.label for r in open_run_data(config, None, None, None).train.records} == {0, 1}
     data["pseudo_fakes"] = {"probability": 0.5, "families": ["blend"], "real_only": True}
-    train = _open_data(train_config_from_dict({"data": data}), None, None, None).train
+    train = open_run_data(train_config_from_dict({"data": data}), None, None, None).train
     assert len(train.records) == 7 and {r.label for r in train.records} == {0}

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 from masm.errors import CheckpointError, MasmError
 from masm.method import decomposition
+from masm.training import checkpoints as checkpoints_module
 from masm.training import load_train_config, train
-from masm.training import trainer as trainer_module
+from masm.training import loop as loop_module
+from masm.training import optim as optim_module
 from test_train_support import TINY_CONFIG, make_folder_dataset, tiny_overrides
 
 
@@ -28,13 +30,13 @@ def _config(data, **extra):
 def _grads_at_each_step(monkeypatch) -> list[dict[str, torch.Tensor]]:
     """Record the gradients every optimizer step is about to use."""
     steps: list[dict[str, torch.Tensor]] = []
-    check = trainer_module._Run._check_finite
+    check = loop_module._step_flags
 
     def recording(run):
         steps.append({n: p.grad.clone() for n, p in run.detector.named_parameters() if p.grad is not None})
         return check(run)
 
-    monkeypatch.setattr(trainer_module._Run, "_check_finite", recording)
+    monkeypatch.setattr(loop_module, "_step_flags", recording)
     return steps
 
 
@@ -72,7 +74,7 @@ class _InfiniteGradient(torch.autograd.Function):
 
 
 def test_non_finite_gradient_with_finite_loss_refuses_the_step(tmp_path, data, monkeypatch):
-    real_loss = trainer_module.total_loss
+    real_loss = loop_module.total_loss
     calls = {"n": 0}
 
     def poisoned(logits, labels, detector, *args, **kwargs):
@@ -83,15 +85,15 @@ def test_non_finite_gradient_with_finite_loss_refuses_the_step(tmp_path, data, m
         return loss, terms
 
     runs, snapshots = [], []
-    optimizer_step = trainer_module._Run._optimizer_step
+    optimizer_step = loop_module._optimizer_step
 
     def snapshot_then_step(run):  # the state every step starts from
         runs.append(run)
         snapshots.append(_state(run))
         return optimizer_step(run)
 
-    monkeypatch.setattr(trainer_module, "total_loss", poisoned)
-    monkeypatch.setattr(trainer_module._Run, "_optimizer_step", snapshot_then_step)
+    monkeypatch.setattr(loop_module, "total_loss", poisoned)
+    monkeypatch.setattr(loop_module, "_optimizer_step", snapshot_then_step)
     with pytest.raises(
         MasmError, match=r"gradient is not finite at step 3 .*loss is finite: parameter 'head.weight'"
     ):
@@ -117,13 +119,13 @@ def test_resume_refuses_a_checkpoint_without_a_trainable_weight(tmp_path, data, 
     train(config, tmp_path / "run", progress=False)
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"))
     dropped = sorted(k for k in saved if not k.startswith("head."))[0]
-    real_load = trainer_module.load_extra_tensors
+    real_load = checkpoints_module.load_extra_tensors
 
     def without_one(directory, stem):
         tensors = real_load(directory, stem)
         return {k: v for k, v in tensors.items() if k != dropped} if stem == "model" else tensors
 
-    monkeypatch.setattr(trainer_module, "load_extra_tensors", without_one)
+    monkeypatch.setattr(checkpoints_module, "load_extra_tensors", without_one)
     with pytest.raises(CheckpointError, match=rf"model.safetensors: trainable weight '{dropped}' is missing"):
         train(_config(data, max_steps=2), tmp_path / "run", resume=True, progress=False)
 
@@ -159,15 +161,15 @@ def test_svd_memory_cache_keeps_the_most_recent_entries_within_its_bound(monkeyp
 
 def test_adam_uses_multi_tensor_kernels_off_cuda():
     params = [torch.nn.Parameter(torch.zeros(3))]
-    defaults = trainer_module.make_optimizer(params, "adam", lr=1e-3).defaults
+    defaults = optim_module.make_optimizer(params, "adam", lr=1e-3).defaults
     assert defaults["foreach"] is True and not defaults.get("fused")
 
 
 def test_training_takes_autocast_from_the_neutral_module():
     from masm import precision
 
-    assert trainer_module.autocast_for is precision.autocast_for
-    assert "evaluation" not in trainer_module.autocast_for.__module__
+    assert loop_module.autocast_for is precision.autocast_for
+    assert "evaluation" not in loop_module.autocast_for.__module__
     with precision.autocast_for(torch.device("cpu"), "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with precision.autocast_for(torch.device("cpu"), "auto"):

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from masm.evaluation.evaluate import evaluate_checkpoint
+from masm.training.trainer import STATE_HASH_ENV
 from test_train_support import TINY_CONFIG, cli_command, make_folder_dataset, tiny_overrides
 
 
@@ -68,14 +69,26 @@ def _predictions(path) -> dict[str, float]:
     return {row[path_col]: float(row[score_col]) for row in rows}
 
 
-def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):
-    data = make_folder_dataset(tmp_path / "fx", n_real=4, n_fake=3)
-    (data / "fake" / "fam1" / "broken.png").write_bytes(b"not a png")  # 8 frames, one rank draws this
-    argv = _train_argv(
-        tmp_path, data, tmp_path / "run", epochs=1, **{"data.batch_size": 2, "data.val": "none"}
-    )
-    port = _free_port()
-    # launched as a cluster scheduler does (one process per rank, no torchrun agent to kill the others)
+_FAIL_ON_RANK_1 = """
+import sys
+import masm.cli.main as cli
+import masm.training.loop as loop
+from masm.errors import DataError
+
+real_step = loop._optimizer_step
+
+def failing_step(run):  # rank 1 alone fails, while rank 0 waits in the step's all-reduce
+    if run.env.rank == 1 and run.progress.global_step == 1:
+        raise DataError("injected failure: frame x.png cannot be read")
+    return real_step(run)
+
+loop._optimizer_step = failing_step
+sys.exit(cli.main())
+"""
+
+
+def _launch_ranks(argv: list[str], port: int, logs, extra_env=None) -> list[subprocess.Popen]:
+    """Both ranks launched as a cluster scheduler does (no torchrun agent to kill the others)."""
     procs = []
     for rank in (0, 1):
         env = dict(
@@ -87,15 +100,67 @@ def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             MASM_DIST_TIMEOUT_S="600",
+            **(extra_env or {}),
         )
-        procs.append(subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True))
-    started = time.monotonic()
-    errors = [proc.communicate(timeout=240)[1] for proc in procs]
-    assert time.monotonic() - started < 120  # not the 600 s timeout
-    assert all(proc.returncode != 0 for proc in procs), errors
-    failing = [i for i, err in enumerate(errors) if "every frame of a training batch failed" in err]
-    assert len(failing) >= 1, errors
+        out, err = (open(logs / f"rank{rank}.{kind}", "w") for kind in ("out", "err"))
+        procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True))
+    return procs
+
+
+def _wait(procs, logs, timeout: float = 240) -> tuple[list[float], list[str], list[str]]:
+    """Exit times (monotonic), stdout and stderr of each rank."""
+    ended = [None, None]
+    deadline = time.monotonic() + timeout
+    while None in ended and time.monotonic() < deadline:
+        for i, proc in enumerate(procs):
+            if ended[i] is None and proc.poll() is not None:
+                ended[i] = time.monotonic()
+        time.sleep(0.05)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    read = [[(logs / f"rank{r}.{k}").read_text() for r in (0, 1)] for k in ("out", "err")]
+    return ended, read[0], read[1]
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_its_message_and_status_1(tmp_path):
+    data = make_folder_dataset(tmp_path / "fx", n_real=4, n_fake=4)
+    shim = tmp_path / "fail_rank1.py"
+    shim.write_text(_FAIL_ON_RANK_1)
+    argv = [
+        sys.executable,
+        str(shim),
+        "train",
+        str(TINY_CONFIG),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    extra = {"data.batch_size": 2, "data.val": "none"}
+    argv += [a for item in tiny_overrides(data, epochs=1, **extra) for a in ("--set", item)]
+    procs = _launch_ranks(argv, _free_port(), tmp_path)
+    ended, _, errors = _wait(procs, tmp_path)
+    assert None not in ended, errors
+    assert abs(ended[0] - ended[1]) < 30  # the other rank does not wait for the process group's timeout
+    assert [proc.returncode for proc in procs] == [1, 1], errors
     for rank, err in enumerate(errors):
-        assert "broken.png" in err, f"rank {rank}: {err[-2000:]}"
-        if rank not in failing:
-            assert f"rank {rank} stops because rank {failing[0]} failed: DataError" in err, err[-2000:]
+        assert "injected failure: frame x.png cannot be read" in err, f"rank {rank}: {err[-2000:]}"
+        assert "Traceback" not in err, f"rank {rank}: {err[-2000:]}"
+    assert "rank 0 stops because rank 1 failed: DataError" in errors[0], errors[0][-2000:]
+
+
+def test_a_batch_that_failed_on_one_rank_is_skipped_alike_and_counted(tmp_path):
+    data = make_folder_dataset(tmp_path / "fx", n_real=4, n_fake=3)
+    (data / "fake" / "fam1" / "broken.png").write_bytes(b"not a png")  # 8 frames, one rank draws this alone
+    hashes = tmp_path / "hashes"
+    extra = {"data.batch_size": 2, "data.val": "none", "data.max_failed_share": 0.2}
+    argv = _train_argv(tmp_path, data, tmp_path / "run", epochs=1, **extra)
+    procs = _launch_ranks(argv, _free_port(), tmp_path, {STATE_HASH_ENV: str(hashes)})
+    _, outs, errors = _wait(procs, tmp_path)
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for err in errors]
+    assert "1 training samples failed to load or forge" in outs[0]
+    assert any("broken.png" in err for err in errors)  # logged with its path on the rank that drew it
+    rank0, rank1 = (json.loads((hashes / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["params"] == rank1["params"] and rank0["global_step"] == rank1["global_step"] == 4
+    train_records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert train_records[-1]["frames_failed"] == 1  # summed over ranks

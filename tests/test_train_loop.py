@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from masm.errors import CheckpointError, ConfigError, MasmError
 from masm.training import load_train_config, train
-from masm.training import trainer as trainer_module
+from masm.training import loop as loop_module
 from test_train_support import TINY_CONFIG, make_folder_dataset, run_cli, tiny_overrides
 
 
@@ -112,7 +112,7 @@ def test_max_steps_stop_then_resume_continues(tmp_path, data):
 
 
 def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path, data, monkeypatch):
-    real_loss = trainer_module.total_loss
+    real_loss = loop_module.total_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -123,7 +123,7 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path, data, monkeypa
             terms = dict(terms, total=loss.detach())
         return loss, terms
 
-    monkeypatch.setattr(trainer_module, "total_loss", poisoned)
+    monkeypatch.setattr(loop_module, "total_loss", poisoned)
     with pytest.raises(MasmError, match=r"not finite at step 3 .*checkpoints/last"):
         train(_config(data, **{"data.val": "none"}), tmp_path / "run", progress=False)
 
@@ -134,8 +134,13 @@ def test_existing_run_needs_resume_and_resume_checks_the_model(tmp_path, data):
     with pytest.raises(MasmError, match="already holds a run"):
         train(config, tmp_path / "run", progress=False)
     other = _config(data, max_steps=1, **{"data.val": "none", "model.backbone": "clip-vit-b16"})
-    with pytest.raises(CheckpointError, match="backbone 'tiny-clip'.*'clip-vit-b16'"):
+    with pytest.raises(
+        ConfigError, match="differs from the run's own .*model.backbone: 'tiny-clip' -> 'clip-vit-b16'"
+    ):
         train(other, tmp_path / "run", resume=True, progress=False)
+    # even when changes are allowed, another model cannot continue these weights
+    with pytest.raises(CheckpointError, match="backbone 'tiny-clip'.*'clip-vit-b16'"):
+        train(other, tmp_path / "run", resume=True, resume_changed=True, progress=False)
 
 
 def test_folder_training_without_val_spec_is_a_config_error(tmp_path, data):

@@ -258,7 +258,7 @@ class _TrainingStep:
     def __init__(self, method: str, settings: SpeedSettings, device):
         import torch
 
-        from ..training.trainer import make_optimizer
+        from ..training import make_optimizer
 
         self.detector, self.masm_config = _build(method, settings)
         self.detector.to(device).train()

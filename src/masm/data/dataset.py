@@ -45,10 +45,10 @@ class FrameDataset(Dataset):
         }
         try:
             rgb = load_rgb(record.path)
+            rgb, label = self.prepare(rgb, record, index)  # may read other files (pseudo-fake donors)
         except DataError as err:
             sample["error"] = str(err)
             return sample
-        rgb, label = self.prepare(rgb, record, index)
         if label != record.label:
             sample["label"] = torch.tensor(label, dtype=torch.long)
         if isinstance(self.transform, FrameTransform):
@@ -58,7 +58,10 @@ class FrameDataset(Dataset):
         return sample
 
     def prepare(self, rgb, record: FrameRecord, index: int):
-        """``(rgb, label)`` of a loaded frame before its transform; subclasses may alter both."""
+        """``(rgb, label)`` of a loaded frame before its transform; subclasses may alter both.
+
+        A :class:`DataError` raised here fails the sample (with its message), as a frame that cannot load.
+        """
         return rgb, record.label
 
 

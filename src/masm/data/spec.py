@@ -1,4 +1,4 @@
-"""One data spec string for every dataset: ``dfb:PATH.json[@split]`` or ``folder:DIR``.
+"""One data spec string for every dataset: ``dfb:PATH.json[@split]``, ``folder:DIR`` or ``frames:PATH.jsonl``.
 
 :func:`open_dataset` reads a spec into a :class:`FrameIndex`: the frames to use (already sampled per video),
 their labels, video keys and forgery families, plus an account of what was loaded and what was skipped
@@ -7,6 +7,7 @@ and why. Train configs, ``masm eval`` and the benchmarks all go through it.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -178,6 +179,8 @@ def open_dataset(
       ``compression`` (``c23``/``c40``/``raw``, for indexes that nest it), frame paths resolved against
       ``data_root`` (default: the JSON's folder), ``label_dict`` extending the standard label names.
     - ``folder:DIR``: ``DIR/real/**`` and ``DIR/fake/**`` images (``fake/<family>/**`` names a family).
+    - ``frames:PATH.jsonl``: one :class:`FrameRecord` per line (``path``, ``label``, ``video``, ``family``),
+      taken as is (no frame sampling): what a run trained on in-memory data saves, so it can be rerun.
 
     ``frames_per_video`` frames are taken evenly over each video (``<= 0``: all); ``balance`` resamples
     the real frames to as many as the fake ones (seeded by ``seed``); ``parity`` reproduces DeepfakeBench
@@ -207,11 +210,31 @@ def open_dataset(
         from .folder import read_folder
 
         index = read_folder(Path(rest), frames_per_video=frames_per_video, parity=parity, source=spec)
+    elif kind == "frames":
+        index = read_frame_list(Path(rest), source=spec)
     else:
-        raise DataError(f"data spec {spec!r}: unknown kind {kind!r} (known: dfb, folder)")
+        raise DataError(f"data spec {spec!r}: unknown kind {kind!r} (known: dfb, folder, frames)")
     if not index.records:
         raise DataError(f"data spec {spec!r}: no frames loaded. {index.describe()}")
     return _balance(index, seed) if balance else index
 
 
 _balance = balance
+
+
+def read_frame_list(path: Path, *, source: str = "") -> FrameIndex:
+    """A ``frames:`` spec: one JSON :class:`FrameRecord` per line, taken as is."""
+    if not path.is_file():
+        raise DataError(f"frame list not found: {path}")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            records.append(
+                FrameRecord(str(item["path"]), int(item["label"]), str(item["video"]), item.get("family"))
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path}:{number}: not a frame record ({type(err).__name__}: {err})") from None
+    return FrameIndex(name=path.stem, records=records, source=source or f"frames:{path}")

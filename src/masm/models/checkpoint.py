@@ -10,8 +10,11 @@ Layout::
     DIR/<extra>.safetensors optional extra tensor files (the trainer's optimizer / mask / RNG state)
     DIR/<extra>.json        optional extra JSON files
 
-A directory is written to a temporary sibling and renamed into place, so a reader sees either the old or
-the new checkpoint, never half of one.
+Writes are atomic and durable on POSIX file systems: a checkpoint is written to ``DIR.tmp``, every file and
+the folder are fsynced, then ``DIR`` is moved to ``DIR.old``, ``DIR.tmp`` to ``DIR``, and ``DIR.old`` removed.
+A kill at any instant leaves at least one complete, checksummed copy among ``DIR.tmp``, ``DIR`` and
+``DIR.old``; :func:`recover_checkpoint` finds the newest of them and puts it back at ``DIR`` (the trainer
+calls it before resuming and before every write, so the only complete copy is never deleted).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def save_checkpoint(
     detector itself is left unchanged. ``extra_tensors`` / ``extra_json`` map file stems to content.
     """
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
+    recover_checkpoint(directory)  # a copy a kill left in DIR.tmp / DIR.old is the newest: keep it
+    tmp = _sibling(directory, ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = _merged_state(detector) if merged else _adapter_state(detector)
@@ -68,6 +72,8 @@ def save_checkpoint(
     for stem, content in (extra_json or {}).items():
         (tmp / f"{stem}.json").write_text(json.dumps(content, indent=1))
         files.append(f"{stem}.json")
+    for name in files:
+        _fsync_file(tmp / name)
     config = {
         "format": FORMAT,
         "version": VERSION,
@@ -78,14 +84,20 @@ def save_checkpoint(
         "sha256": {name: file_sha256(tmp / name) for name in files},
         "info": info or {},
     }
+    # config.json last: its checksums make the folder complete, so it is written only after the data is durable
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
-    _replace_dir(tmp, directory)
+    _fsync_file(tmp / CONFIG_FILE)
+    _fsync_dir(tmp)
+    _switch(tmp, directory)
     return directory
 
 
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     """The validated ``config.json`` of a checkpoint directory, with its data files' checksums verified."""
-    directory = _existing(Path(directory))
+    return _read_verified(_existing(Path(directory)))
+
+
+def _read_verified(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a masm checkpoint: {CONFIG_FILE} is missing")
@@ -216,19 +228,87 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sibling(directory: Path, suffix: str) -> Path:
+    return directory.with_name(directory.name + suffix)
+
+
+def checkpoint_candidates(directory: str | Path) -> list[Path]:
+    """The complete (checksum-verified) copies of ``directory`` a write may have left, newest first.
+
+    A write goes ``DIR.tmp`` (newest) → ``DIR`` → ``DIR.old`` (oldest), whatever instant a kill stopped it.
+    """
+    directory = Path(directory)
+    found = []
+    for path in (_sibling(directory, ".tmp"), directory, _sibling(directory, ".old")):
+        try:
+            _read_verified(path)
+        except CheckpointError:
+            continue
+        found.append(path)
+    return found
+
+
+def recover_checkpoint(directory: str | Path) -> Path | None:
+    """Put the newest complete copy of ``directory`` at ``directory`` and drop the others.
+
+    Returns the path the copy was found at (``directory`` itself when nothing had to move), or None when no
+    complete copy exists (then nothing is deleted except a partial ``DIR.tmp``).
+    """
+    directory = Path(directory)
+    tmp, old = _sibling(directory, ".tmp"), _sibling(directory, ".old")
+    if not tmp.exists() and not old.exists():  # the common case: no write was cut short
+        return directory if directory.is_dir() else None
+    candidates = checkpoint_candidates(directory)
+    if not candidates:
+        shutil.rmtree(tmp, ignore_errors=True)  # a write cut short; DIR and DIR.old are not ours to judge
+        return None
+    newest = candidates[0]
+    if newest == tmp:
+        _switch(tmp, directory)
+    elif newest == old:  # DIR is missing or incomplete
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(old, directory)
+        _fsync_dir(directory.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return newest
+
+
 def _existing(directory: Path) -> Path:
+    """``directory``, or for a reader (who must not move files) the newest complete copy a kill left."""
     if directory.is_dir():
         return directory
-    old = directory.with_name(directory.name + ".old")
-    if old.is_dir():  # a crash between the two renames of _replace_dir
-        return old
+    candidates = checkpoint_candidates(directory)
+    if candidates:
+        return candidates[0]
     raise CheckpointError(f"checkpoint directory not found: {directory}")
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    old = directory.with_name(directory.name + ".old")
+def _switch(tmp: Path, directory: Path) -> None:
+    """Make the complete ``tmp`` the checkpoint at ``directory``; a kill at any point leaves one complete."""
+    old = _sibling(directory, ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
+    _fsync_dir(directory.parent)  # the renames themselves are durable before the old copy goes
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (created or renamed files) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -12,16 +12,21 @@ from .config import (
     load_train_config,
     train_config_from_dict,
 )
-from .trainer import TrainResult, lr_at, train
+from .optim import lr_at, make_optimizer
+from .run_folder import config_from_run
+from .trainer import DistributedFailure, TrainResult, train
 
 __all__ = [
     "DataConfig",
     "OptimConfig",
     "TrainConfig",
+    "DistributedFailure",
     "TrainResult",
+    "config_from_run",
     "config_to_dict",
     "load_train_config",
     "lr_at",
+    "make_optimizer",
     "train",
     "train_config_from_dict",
 ]

@@ -62,6 +62,13 @@ class DataConfig:
         default=32, metadata={"help": "frames per optimizer micro-step over all devices (split across ranks)"}
     )
     eval_batch_size: int = field(default=64, metadata={"help": "frames per forward pass in validation/test"})
+    max_failed_share: float = field(
+        default=0.01,
+        metadata={
+            "help": "stop the run when more training samples failed to load or forge than this share of "
+            "an epoch's (or, later, of all seen) samples: then the data, not a file, is broken"
+        },
+    )
     num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per device"})
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "training augmentation"})
     pseudo_fakes: PseudoFakeConfig = field(
@@ -148,6 +155,7 @@ class TrainConfig:
             "data.batch_size": self.data.batch_size >= 1,
             "data.eval_batch_size": self.data.eval_batch_size >= 1,
             "data.num_workers": self.data.num_workers >= 0,
+            "data.max_failed_share": 0.0 <= self.data.max_failed_share <= 1.0,
             "optim.grad_accum_steps": self.optim.grad_accum_steps >= 1,
             "optim.lr": self.optim.lr > 0,
             "optim.warmup_steps": self.optim.warmup_steps >= 0,

@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 TIMEOUT_ENV = "MASM_DIST_TIMEOUT_S"
 #: Default timeout: the full protocol's test sets take far longer to score than NCCL's 10 minutes.
 DEFAULT_TIMEOUT_S = 2 * 3600.0
-#: Exit status of a rank stopped because another rank failed.
-PEER_FAILED_EXIT = 3
+#: Exit status of a rank stopped because another rank failed (the failing rank exits with it too).
+PEER_FAILED_EXIT = 1
 _FAILED_KEY = "masm/failed"
 _FAILURES_KEY = "masm/failures"
 _POLL_S = 0.5

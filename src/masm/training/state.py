@@ -26,6 +26,7 @@ class Progress:
     global_step: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    best_rule: str | None = None  # how best was selected (select_on and sets): compared only under one rule
     finished: bool = False
 
     def to_json(self) -> dict[str, Any]:
