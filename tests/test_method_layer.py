@@ -1,4 +1,5 @@
-"""MASM adapter layer: decomposition, equivalence, parameter counts, regularisers (issue 2)."""
+"""MASM adapter layer: decomposition, equivalence, parameter counts; the regularisers and the guard against
+plain references (issues 2, 18)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from masm.method import (
     MASMLinear,
     count_masm_parameters,
     decomposition,
+    layer_groups,
     masm_layers,
     regularizers,
     subspace_update,
@@ -227,22 +229,57 @@ def test_bf16_autocast_runs_the_hand_written_backward_and_matches_fp32(monkeypat
         assert torch.allclose(got, want, rtol=0.1, atol=0.1 * want.abs().max().item())
 
 
+# -- plain references of the regularisers and the guard, written from method.md §3 ---------------------------
+def _orthogonality_reference(U, V):
+    """``(‖UᵀU − I‖² + ‖VᵀV − I‖²) / (K·m)``: Gram matrices Km×Km, what orthonormal columns mean."""
+    eye = torch.eye(U.shape[1])
+    return ((U.T @ U - eye).pow(2).sum() + (V.T @ V - eye).pow(2).sum()) / U.shape[1]
+
+
+def _overlap_reference(U, V, U_g, V_g):
+    """``‖U_gᵀ U‖² + ‖V_gᵀ V‖²``: how much of the factors lies in the guarded directions."""
+    return (U_g.T @ U).pow(2).sum() + (V_g.T @ V).pow(2).sum()
+
+
+def _projection_reference(G, B):
+    """``G − B Bᵀ G``: ``G`` without its component in the span of the orthonormal columns of ``B``."""
+    return G - B @ (B.T @ G)
+
+
+def _config(guard="off", spectral="artifact", guard_rank=0.5, **weights):
+    return MASMConfig(
+        num_subspaces=2,
+        subspace_rank=2,
+        semantic_guard=guard,
+        spectral_mode=spectral,
+        guard_rank=guard_rank,
+        **weights,
+    )
+
+
 @pytest.mark.parametrize("guard", ["off", "penalty"])
-def test_orthogonality_loss_is_zero_at_init_and_its_gradient_repairs_a_violation(guard):
+def test_orthogonality_term_follows_its_definition_and_its_gradient_repairs_a_violation(guard):
     layer, _ = _layer(guard)
-    assert layer.orthogonality_loss().item() < 1e-6  # fp32 round-off of ‖Q‖² − ‖BᵀQ‖² in penalty mode
+    config = _config(guard)
+    assert regularizers(layer, config)["orth"].item() < 1e-6  # orthonormal singular vectors at init
     with torch.no_grad():
         U0, _, V0 = layer.subspace(0)
         U1, _, _ = layer.subspace(1)
         U1.copy_(U0 + 0.3 * U1)  # overlap between subspaces
         V0.mul_(1.5)  # non-unit columns
-    before = layer.orthogonality_loss()
+    before = regularizers(layer, config)["orth"]
+    expected = _orthogonality_reference(layer.U.detach(), layer.V.detach())
+    assert torch.allclose(before, expected, rtol=1e-5)  # the guard penalty is not part of it
+    # the orientation of Effort's DeepfakeBench copy (QQᵀ, d×d) measures something else: this test can tell
+    U, V = layer.U.detach(), layer.V.detach()
+    wrong = ((U @ U.T - torch.eye(12)).pow(2).sum() + (V @ V.T - torch.eye(20)).pow(2).sum()) / 4
+    assert not torch.allclose(wrong, expected, rtol=1e-2)
     before.backward()
     with torch.no_grad():
         for p in layer.parameters():
             if p.grad is not None:
                 p.sub_(0.01 * p.grad)
-    assert layer.orthogonality_loss().item() < before.item()
+    assert regularizers(layer, config)["orth"].item() < before.item()
 
 
 def _semantic_bases(base, guard_rank):
@@ -257,17 +294,50 @@ def test_guard_covers_the_top_r_g_directions_clamped_to_the_principal_rank():
     assert _layer("project", guard_rank=1.0)[0].guard_rank == 8  # r = n - K·m = 12 - 4
 
 
-def test_semantic_penalty_detects_drift_into_the_semantic_subspace():
+def test_guard_penalty_is_its_own_term_and_detects_drift_into_the_semantic_subspace():
     layer, base = _layer("penalty", guard_rank=0.75)
+    config = _config("penalty", guard_rank=0.75)
     U_sem, V_sem = _semantic_bases(base, layer.guard_rank)
     assert layer.u_complement and not layer.v_complement  # 12×20: both ways of storing the guard
+    assert regularizers(layer, config)["guard"].item() < 1e-5  # fp32 round-off of ‖Q‖² − ‖BᵀQ‖²
     with torch.no_grad():
         layer.subspace(0)[0][:, 0].copy_(U_sem[:, 0])
         layer.subspace(1)[2][:, 1].copy_(V_sem[:, 2])
-    U, V = layer.U, layer.V
-    expected = (U_sem.T @ U).pow(2).sum() + (V_sem.T @ V).pow(2).sum()
-    assert torch.allclose(layer.semantic_overlap(U, V), expected, atol=1e-5)
-    assert layer.orthogonality_loss().item() > 0.1
+    U, V = layer.U.detach(), layer.V.detach()
+    overlap = _overlap_reference(U, V, U_sem, V_sem)
+    assert overlap.item() > 1.9  # two unit columns moved into the guarded span
+    terms = regularizers(layer, config)
+    assert torch.allclose(terms["guard"], overlap / 4, atol=1e-5)  # over K·m, as L_orth
+    assert torch.allclose(terms["orth"], _orthogonality_reference(U, V), rtol=1e-5)
+    # its own weight: without L_orth the guard stays, without the guard's weight it goes
+    assert set(regularizers(layer, _config("penalty", guard_rank=0.75, lambda_orth=0.0))) == {"guard", "spec"}
+    # layers without the penalty have no guard term
+    assert "guard" not in regularizers(_layer("off")[0], _config("off"))
+
+
+def test_total_loss_weighs_each_term_by_its_own_lambda_and_logs_it():
+    from masm.method import total_loss
+
+    layer, _ = _layer("penalty")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    logits, labels = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    config = _config("penalty", lambda_orth=0.5, lambda_spec=2.0, lambda_guard=3.0)
+    loss, logged = total_loss(logits, labels, layer, config)
+    assert list(logged) == ["cls", "orth", "guard", "spec", "total"]
+    assert logged["guard"].item() > 1e-3 and logged["orth"].item() > 1e-3
+    expected = logged["cls"] + 0.5 * logged["orth"] + 3.0 * logged["guard"] + 2.0 * logged["spec"]
+    assert torch.allclose(loss.detach(), expected) and torch.equal(logged["total"], loss.detach())
+    # λ_guard = λ_orth is the objective of before the guard had its own weight: λ_orth · (orth + guard)
+    same = _config("penalty", lambda_orth=0.5, lambda_guard=0.5)
+    loss, logged = total_loss(logits, labels, layer, same)
+    old = logged["cls"] + 0.5 * (logged["orth"] + logged["guard"]) + logged["spec"]
+    assert torch.allclose(loss.detach(), old)
+    # explicit auxiliary terms join the objective, weighted; a plain module has none of its own
+    loss_aux, logged = total_loss(logits, labels, layer, same, auxiliary={"extra": (2.0, torch.tensor(0.25))})
+    assert torch.allclose(loss_aux.detach(), loss.detach() + 0.5) and logged["extra"].item() == 0.25
 
 
 @pytest.mark.parametrize("mode", ["artifact", "energy"])
@@ -299,9 +369,15 @@ def test_project_mode_keeps_gradients_orthogonal_to_the_semantic_subspace():
     U_sem, V_sem = _semantic_bases(base, layer.guard_rank)
     x = torch.randn(7, 20)
     layer(x).pow(2).sum().backward()
-    layer.project_gradients_()
+    raw_u, raw_v = layer.U.grad.clone(), layer.V.grad.clone()
+    (group,) = layer_groups([layer])
+    group.project_gradients_()
+    assert torch.allclose(layer.U.grad, _projection_reference(raw_u, U_sem), atol=1e-6)
+    assert torch.allclose(layer.V.grad, _projection_reference(raw_v, V_sem), atol=1e-6)
     assert (U_sem.T @ layer.U.grad).abs().max().item() <= 1e-6
     assert (V_sem.T @ layer.V.grad).abs().max().item() <= 1e-6
+    # the reference tells the complement from the guarded span (a projection onto the wrong one fails)
+    assert not torch.allclose(layer.U.grad, U_sem @ (U_sem.T @ raw_u), atol=1e-3)
     assert layer.U.grad.abs().max().item() > 0
 
 
@@ -332,23 +408,30 @@ def _train_steps(layer, steps=300, seed=0, guard=True):
             optimizer.step()
 
 
+def _overlap_fraction(layer, base):
+    """``(‖U_gᵀ U‖² + ‖V_gᵀ V‖²) / (‖U‖² + ‖V‖²)`` of the stored factors: 0 when the guard holds."""
+    U_g, V_g = _semantic_bases(base, layer.guard_rank)
+    U, V = layer.U.detach(), layer.V.detach()
+    return float(_overlap_reference(U, V, U_g, V_g) / (U.pow(2).sum() + V.pow(2).sum()))
+
+
 def test_project_guard_holds_exactly_after_300_adamw_steps_with_weight_decay():
-    layer, _ = _square_layer("project")
+    layer, base = _square_layer("project")
     _train_steps(layer)
-    assert layer.guard_overlap() <= 1e-5
+    assert _overlap_fraction(layer, base) <= 1e-5
     assert (layer.merged_weight() - _square_layer("project")[0].merged_weight()).norm() > 1e-3  # it moved
     # without the guard's steps, Adam's per-element scaling and weight decay leak into the guarded span
-    leaky, _ = _square_layer("project")
+    leaky, base = _square_layer("project")
     _train_steps(leaky, guard=False)
-    assert leaky.guard_overlap() > 1e-3
+    assert _overlap_fraction(leaky, base) > 1e-3
 
 
 def test_deep_copy_keeps_the_guard():
-    layer, _ = _square_layer("project")
+    layer, base = _square_layer("project")
     clone = copy.deepcopy(layer)
     assert clone.U_basis is not layer.U_basis and torch.equal(clone.U_basis, layer.U_basis)
     _train_steps(clone, steps=50)
-    assert clone.guard_overlap() <= 1e-5
+    assert _overlap_fraction(clone, base) <= 1e-5
     # and a copy computes what the original computes, through operands built from its own tensors
     x = torch.randn(8, 64)
     fresh, _ = _square_layer("project")
@@ -379,6 +462,11 @@ def test_regularizers_average_over_layers_and_skip_zero_weights():
     terms = regularizers(model, MASMConfig(num_subspaces=2, subspace_rank=2))
     assert set(terms) == {"orth", "spec"} and all(v.item() < 1e-8 for v in terms.values())
     assert regularizers(model, MASMConfig(lambda_orth=0.0, lambda_spec=0.0)) == {}
+    config = MASMConfig(num_subspaces=2, subspace_rank=2, semantic_guard="penalty")
+    penalised = apply_masm(load_backbone("tiny-clip"), config)
+    assert set(regularizers(penalised, config)) == {"orth", "guard", "spec"}
+    weightless = MASMConfig(num_subspaces=2, subspace_rank=2, lambda_orth=0.0, lambda_spec=0.0)
+    assert regularizers(penalised, weightless) == {"guard": regularizers(penalised, config)["guard"]}
 
 
 def test_merge_masm_restores_plain_linears():
@@ -389,19 +477,28 @@ def test_merge_masm_restores_plain_linears():
 
 @pytest.mark.parametrize("guard", ["off", "penalty", "project"])
 @pytest.mark.parametrize("spectral", ["artifact", "energy"])
-def test_batched_regularizers_equal_the_mean_of_per_layer_terms(guard, spectral):
+def test_batched_regularizers_equal_the_mean_of_plain_per_layer_references(guard, spectral):
     config = MASMConfig(num_subspaces=2, subspace_rank=3, semantic_guard=guard, spectral_mode=spectral)
-    model = apply_masm(load_backbone("tiny-clip"), config)
+    pretrained = load_backbone("tiny-clip")
+    model = apply_masm(copy.deepcopy(pretrained), config)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    layers = [layer for _, layer in masm_layers(model)]
+    layers = masm_layers(model)
     terms = regularizers(model, config)
-    orth = torch.stack([layer.orthogonality_loss() for layer in layers]).mean()
-    spec = torch.stack([layer.spectral_loss(spectral) for layer in layers]).mean()
+    U_V = [(layer.U.detach(), layer.V.detach()) for _, layer in layers]
+    orth = torch.stack([_orthogonality_reference(U, V) for U, V in U_V]).mean()
+    spec = torch.stack([layer.spectral_loss(spectral) for _, layer in layers]).mean()
     assert torch.allclose(terms["orth"], orth, rtol=1e-5) and torch.allclose(terms["spec"], spec, rtol=1e-4)
+    assert ("guard" in terms) == (guard == "penalty")
+    if guard == "penalty":
+        overlaps = []
+        for (name, layer), (U, V) in zip(layers, U_V):
+            U_g, V_g = _semantic_bases(pretrained.get_submodule(name), layer.guard_rank)
+            overlaps.append(_overlap_reference(U, V, U_g, V_g) / 6)  # over K·m
+        assert torch.allclose(terms["guard"], torch.stack(overlaps).mean(), rtol=1e-4)
 
 
 def test_a_forward_whose_factors_changed_before_its_backward_fails_loudly():
@@ -445,42 +542,39 @@ def test_off_cpu_the_layer_passes_contiguous_rows_to_the_next_operation():
 
 # a rectangular layer (bases stored), and a square one guarding most directions (complements stored)
 @pytest.mark.parametrize("shape, guard_rank", [((20, 12), 0.5), ((64, 64), 0.75)])
-def test_group_guard_equals_the_per_layer_guard_and_skips_layers_without_gradients(shape, guard_rank):
-    from masm.method import LayerGroup, layer_groups, project_gradients, reproject_guarded
+def test_group_guard_equals_the_plain_projection_and_skips_layers_without_gradients(shape, guard_rank):
+    from masm.method import LayerGroup, project_gradients, reproject_guarded
 
     d_in, d_out = shape
     config = MASMConfig(num_subspaces=2, subspace_rank=2, semantic_guard="project", guard_rank=guard_rank)
-    layers = []
+    layers, bases = [], []
     for seed in range(3):
         torch.manual_seed(seed)
         base = nn.Linear(d_in, d_out)
         layers.append(MASMLinear(base, decomposition.decompose(base.weight, "float64", False), config))
+        bases.append(_semantic_bases(base, layers[-1].guard_rank))
     model = nn.Sequential(*layers)
-    (groups,) = layer_groups(model)
-    assert isinstance(groups, LayerGroup) and list(groups) == layers
+    (group,) = layer_groups(model)
+    assert isinstance(group, LayerGroup) and list(group) == layers
     assert layers[0].u_complement == (d_in == d_out)  # both ways of storing the basis are exercised
-    twins = copy.deepcopy(layers)
     x = torch.randn(5, d_in)
-    for layer in (*layers[:2], *twins[:2]):  # layer 2 takes no part: no gradient, and it must stay as it is
+    for layer in layers[:2]:  # layer 2 takes no part: no gradient, and it must stay as it is
         layer(x).pow(2).sum().backward()
-    for layer in twins:
-        layer.project_gradients_()
-    project_gradients(model, [groups])
-    for layer, twin in zip(layers, twins):
-        for name in ("U", "V"):
-            grad, expected = getattr(layer, name).grad, getattr(twin, name).grad
-            assert (grad is None) == (expected is None)
-            if grad is not None:
-                assert torch.allclose(grad, expected, atol=1e-6)
+    raw = [(layer.U.grad.clone(), layer.V.grad.clone()) for layer in layers[:2]]
+    project_gradients(model, [group])
+    assert layers[2].U.grad is None and layers[2].V.grad is None
+    for layer, (U_g, V_g), (grad_u, grad_v) in zip(layers, bases, raw):
+        assert torch.allclose(layer.U.grad, _projection_reference(grad_u, U_g), atol=1e-6)
+        assert torch.allclose(layer.V.grad, _projection_reference(grad_v, V_g), atol=1e-6)
     with torch.no_grad():
-        for layer in (*layers, *twins):
+        for layer in layers:
             layer.U.add_(0.05)  # leave the complement, as Adam's scaling does
             layer.V.add_(0.05)
-    untouched = layers[2].U.detach().clone()
-    for layer in twins:
-        layer.reproject_()
-    reproject_guarded(model, [groups])
-    assert torch.equal(layers[2].U, untouched)
-    for layer, twin in zip(layers[:2], twins[:2]):
-        assert torch.allclose(layer.U, twin.U, atol=1e-6) and torch.allclose(layer.V, twin.V, atol=1e-6)
-        assert layer.guard_overlap() <= 1e-10 + twin.guard_overlap()
+    moved = [(layer.U.detach().clone(), layer.V.detach().clone()) for layer in layers]
+    reproject_guarded(model, [group])
+    assert torch.equal(layers[2].U, moved[2][0]) and torch.equal(layers[2].V, moved[2][1])
+    for layer, (U_g, V_g), (U, V) in zip(layers[:2], bases, moved):
+        assert _overlap_reference(U, V, U_g, V_g).item() > 1e-3  # there was something to remove
+        assert torch.allclose(layer.U, _projection_reference(U, U_g), atol=1e-6)
+        assert torch.allclose(layer.V, _projection_reference(V, V_g), atol=1e-6)
+        assert _overlap_reference(layer.U.detach(), layer.V.detach(), U_g, V_g).item() <= 1e-9

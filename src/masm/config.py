@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SettingsError
 
 T = TypeVar("T")
 
@@ -41,6 +41,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     kwargs = {name: _convert(hints[name], value, _join(where, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
+    except SettingsError as err:
+        raise err.within(where) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
 

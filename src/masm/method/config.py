@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SettingsError
 
 ATTENTION_TARGETS = r"(q_proj|k_proj|v_proj|out_proj)$"
 ATTENTION_AND_MLP_TARGETS = r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$"
+# 1.0: until the guard penalty had its own weight it was part of L_orth, weighted by lambda_orth (default
+# 1.0), so this default keeps every earlier run's objective.
+LAMBDA_GUARD_DEFAULT = 1.0
 
 
 @dataclass
@@ -32,6 +35,19 @@ class MaskConfig:
             raise ConfigError("mask.interval must be >= 1 and mask.warmup >= 0")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ConfigError(f"mask.top_fraction must be in (0, 1], got {self.top_fraction}")
+        # An enabled mask whose rules cannot act would train exactly as without it, silently.
+        if self.enabled and not (self.layer_selection or self.subspace_balance):
+            raise SettingsError(
+                ["enabled", "layer_selection", "subspace_balance"],
+                "the mask is enabled with both of its rules off, so it never pauses anything: "
+                "set enabled: false, or turn a rule on",
+            )
+        if self.enabled and self.layer_selection and self.top_fraction == 1.0:
+            raise SettingsError(
+                ["layer_selection", "top_fraction"],
+                "layer selection keeping the top fraction 1.0 of the layers keeps every layer: "
+                "set layer_selection: false, or a top_fraction below 1",
+            )
 
 
 @dataclass
@@ -55,6 +71,13 @@ class MASMConfig:
     )
     lambda_orth: float = field(default=1.0, metadata={"help": "weight of the orthogonality loss"})
     lambda_spec: float = field(default=1.0, metadata={"help": "weight of the spectral-consistency loss"})
+    lambda_guard: float = field(
+        default=LAMBDA_GUARD_DEFAULT,
+        metadata={
+            "help": "weight of the semantic guard's penalty (used only with semantic_guard: penalty; "
+            "logged as the term 'guard')"
+        },
+    )
     semantic_guard: Literal["penalty", "project", "off"] = field(
         default="project",
         metadata={
@@ -83,6 +106,48 @@ class MASMConfig:
             from ..config import from_dict
 
             self.mask = from_dict(MaskConfig, self.mask, "mask")
+        for name in ("lambda_orth", "lambda_spec", "lambda_guard"):
+            if getattr(self, name) < 0:  # a negative weight would reward what the term penalises
+                raise SettingsError([name], f"a loss weight must be >= 0, got {getattr(self, name)}")
+        self._check_no_silent_no_ops()
+
+    def _check_no_silent_no_ops(self) -> None:
+        """Settings that request a mechanism and, together, make it a no-op are an error naming them.
+
+        Only combinations that are contradictory whatever the user meant: a field left at its default cannot
+        be told from one set explicitly (and resolved configs saved with a run hold every field), so a
+        default value never counts as a request. Hence no check of ``guard_rank`` with ``semantic_guard:
+        off``: its default changed before, and runs saved with the old one must still load.
+        """
+        if self.semantic_guard == "penalty" and self.lambda_guard == 0:
+            raise SettingsError(
+                ["semantic_guard", "lambda_guard"],
+                "the guard penalty is requested with weight 0, which trains without a guard: "
+                "set lambda_guard > 0, or semantic_guard: off",
+            )
+        # 0 reads as "no penalty", consistent with any guard; the default is indistinguishable from unset
+        if self.semantic_guard != "penalty" and self.lambda_guard not in (0.0, LAMBDA_GUARD_DEFAULT):
+            raise SettingsError(
+                ["lambda_guard", "semantic_guard"],
+                f"lambda_guard weighs the penalty of semantic_guard: penalty only; with semantic_guard: "
+                f"{self.semantic_guard} it has no effect: remove it, or set semantic_guard: penalty",
+            )
+        mask, K = self.mask, self.num_subspaces
+        if mask.enabled and K == 1 and not mask.layer_selection:
+            raise SettingsError(
+                ["num_subspaces", "mask.enabled", "mask.layer_selection"],
+                "with one subspace per layer subspace balance has nothing to balance, and layer selection "
+                "is off: the mask never pauses anything; set mask.enabled: false, or mask.layer_selection",
+            )
+        # A subspace is paused when its share of its layer's learning state exceeds (1 + delta) / K; a share
+        # is at most 1, so from delta = K - 1 on the rule can never fire.
+        if mask.enabled and mask.subspace_balance and K > 1 and mask.delta >= K - 1:
+            raise SettingsError(
+                ["mask.delta", "num_subspaces", "mask.subspace_balance"],
+                f"subspace balance pauses a subspace whose share exceeds (1 + delta)/K = "
+                f"{(1 + mask.delta) / K:g}, which no share (at most 1) can: set delta below K - 1 = {K - 1}, "
+                "or mask.subspace_balance: false",
+            )
 
     @property
     def artifact_rank(self) -> int:

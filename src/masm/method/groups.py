@@ -44,16 +44,23 @@ class LayerGroup(list):
 
     @torch.no_grad()
     def project_gradients_(self) -> None:
-        """Every layer's ``U``/``V`` gradient projected out of its guarded directions (see
-        :meth:`MASMLinear.project_gradients_`), batched over the group."""
+        """Every layer's ``U``/``V`` gradient projected out of its guarded directions (``project`` mode;
+        else a no-op), batched over the group.
+
+        Called between backward and the optimizer step, so Adam's moments only ever see the complement.
+        """
         if self.guarded:
             self._project_(lambda p: p.grad)
 
     @torch.no_grad()
     def reproject_(self, updated_only: bool = True) -> None:
-        """Every layer's stored ``U``/``V`` projected out of its guarded directions (see
-        :meth:`MASMLinear.reproject_`), batched over the group. With ``updated_only`` a factor without a
-        gradient (its layer paused whole) is left bit for bit as it is."""
+        """Every layer's stored ``U``/``V`` projected out of its guarded directions (``project`` mode; else
+        a no-op), batched over the group.
+
+        Called after every optimizer step: Adam's per-element scaling and weight decay move the stored
+        tensors out of the complement even though their gradients lie in it. With ``updated_only`` a factor
+        without a gradient (its layer paused whole by the mask) is left bit for bit as it is.
+        """
         if self.guarded:
             self._project_(lambda p: p if not updated_only or p.grad is not None else None)
 

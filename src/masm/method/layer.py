@@ -151,19 +151,7 @@ class MASMLinear(nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
-    # -- regularisers (method.md §3) ----------------------------------------------------------------------
-    def orthogonality_loss(self) -> torch.Tensor:
-        """``(‖Q_Uᵀ Q_U − I‖² + ‖Q_Vᵀ Q_V − I‖²) / (K·m)``, plus the semantic penalty in ``penalty`` mode.
-
-        Gram matrices are Km×Km (``QᵀQ``), not d×d: that is what orthonormal columns mean.
-        """
-        U, V = self.U, self.V
-        eye = torch.eye(U.shape[1], device=U.device, dtype=U.dtype)
-        loss = (U.T @ U - eye).pow(2).sum() + (V.T @ V - eye).pow(2).sum()
-        if self.semantic_guard == "penalty":
-            loss = loss + self.semantic_overlap(U, V)
-        return loss / U.shape[1]
-
+    # -- terms of the regularisers (method.md §3), batched over layers in :mod:`.losses` --------------------
     def semantic_overlap(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """``‖U_gᵀ U‖² + ‖V_gᵀ V‖²`` over the guarded directions (via ``‖Q‖² − ‖Bᵀ Q‖²`` where the stored
         basis B is the complement)."""
@@ -195,42 +183,6 @@ class MASMLinear(nn.Module):
             energy = self.energy_sem + 2 * cross + artifact
             return (energy - self.energy0).abs() / self.energy0
         raise ValueError(f"unknown spectral mode {mode!r}")
-
-    # -- semantic guard by projection (method.md §3) ------------------------------------------------------
-    @torch.no_grad()
-    def project_gradients_(self) -> None:
-        """Project the gradients of ``U`` and ``V`` out of the guarded directions (``project`` mode).
-
-        Called between backward and the optimizer step, so Adam's moments only ever see the complement.
-        """
-        if self.semantic_guard != "project":
-            return
-        for param, basis, complement in self._guarded():
-            if param.grad is not None:
-                param.grad.copy_(_project(param.grad, basis, complement))
-
-    @torch.no_grad()
-    def reproject_(self, updated_only: bool = True) -> None:
-        """Project the stored ``U`` and ``V`` out of the guarded directions (``project`` mode; else a no-op).
-
-        Called after every optimizer step: Adam's per-element scaling and weight decay move the stored
-        tensors out of the complement even though their gradients lie in it. With ``updated_only`` a
-        factor without a gradient (its whole layer paused by the mask) is left bit-for-bit as it is.
-        """
-        if self.semantic_guard != "project":
-            return
-        for param, basis, complement in self._guarded():
-            if not updated_only or param.grad is not None:
-                param.copy_(_project(param, basis, complement))
-
-    def _guarded(self):
-        return ((self.U, self.U_basis, self.u_complement), (self.V, self.V_basis, self.v_complement))
-
-    def guard_overlap(self) -> float:
-        """``(‖U_gᵀ U‖² + ‖V_gᵀ V‖²) / (‖U‖² + ‖V‖²)`` of the stored factors: 0 when the guard holds."""
-        with torch.no_grad():
-            overlap = self.semantic_overlap(self.U, self.V)
-            return float(overlap / (self.U.pow(2).sum() + self.V.pow(2).sum()))
 
     def extra_repr(self) -> str:
         return (

@@ -1,4 +1,5 @@
-"""Total MASM objective: ``L = L_cls + λ_orth·L_orth + λ_spec·L_spec`` (method.md §3)."""
+"""Total MASM objective: ``L = L_cls + λ_orth·L_orth + λ_guard·L_guard + λ_spec·L_spec`` (method.md §3), plus
+the feature losses of the method, if any (``L_guard``: only with ``semantic_guard: penalty``)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from .groups import layer_groups
 def regularizers(
     model: nn.Module, config: MASMConfig, groups: list[list] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Layer-averaged ``orth`` and ``spec`` terms (unweighted). Terms whose weight is 0 are not computed.
+    """Layer-averaged ``orth``, ``guard`` and ``spec`` terms (unweighted). Terms whose weight is 0 are not
+    computed; ``guard`` exists only for layers with ``semantic_guard: penalty``.
 
-    Layers of equal shape are stacked and handled by batched matmuls / Cholesky / SVD, so ViT-L/14's 96
-    layers cost a few kernel launches instead of hundreds; the result equals the mean of each layer's own
-    :meth:`~masm.method.MASMLinear.orthogonality_loss` / ``spectral_loss``. ``groups``: from
-    :func:`layer_groups` (default: computed here).
+    Per layer: ``orth = (‖Q_Uᵀ Q_U − I‖² + ‖Q_Vᵀ Q_V − I‖²) / (K·m)``, ``guard = (‖U_gᵀ Q_U‖² + ‖V_gᵀ Q_V‖²)
+    / (K·m)`` (normalised as ``orth``, which held it before it had its own weight), ``spec`` as
+    :meth:`~masm.method.MASMLinear.spectral_loss`. Layers of equal shape are stacked and handled by batched
+    matmuls / Cholesky / SVD, so ViT-L/14's 96 layers cost a few kernel launches instead of hundreds.
+    ``groups``: from :func:`layer_groups` (default: computed here).
     """
     groups = layer_groups(model) if groups is None else groups
     layers = [layer for group in groups for layer in group]
@@ -30,7 +33,10 @@ def regularizers(
     # spectrum their m×m diagonal blocks (one per subspace).
     grams = [_grams(group) for group in groups] if config.lambda_orth or spectral_batched else []
     if config.lambda_orth:
-        terms["orth"] = torch.cat([_orthogonality(g, gu, gv) for g, (gu, gv) in zip(groups, grams)]).mean()
+        terms["orth"] = torch.cat([_orthogonality(gu, gv) for gu, gv in grams]).mean()
+    penalised = [group for group in groups if group[0].semantic_guard == "penalty"]
+    if config.lambda_guard and penalised:
+        terms["guard"] = torch.cat([_guard_penalty(group) for group in penalised]).mean()
     if config.lambda_spec:
         if spectral_batched:
             terms["spec"] = torch.cat(
@@ -50,13 +56,18 @@ def _grams(layers: list) -> tuple[torch.Tensor, torch.Tensor]:
     return U.mT @ U, V.mT @ V
 
 
-def _orthogonality(layers: list, gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
+def _orthogonality(gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
     """Per-layer orthogonality loss of same-shape layers, from their Gram matrices."""
     eye = torch.eye(gram_u.shape[-1], device=gram_u.device, dtype=gram_u.dtype)
     loss = (gram_u - eye).pow(2).sum((1, 2)) + (gram_v - eye).pow(2).sum((1, 2))
-    if layers[0].semantic_guard == "penalty":  # semantic bases differ per layer: no stacking of big buffers
-        loss = loss + torch.stack([lyr.semantic_overlap(lyr.U, lyr.V) for lyr in layers])
     return loss / gram_u.shape[-1]
+
+
+def _guard_penalty(layers: list) -> torch.Tensor:
+    """Per-layer guard penalty of same-shape layers, over K·m. The guarded bases differ per layer and are
+    big (d × r_g): one product per layer rather than a stacked copy of them."""
+    overlap = torch.stack([layer.semantic_overlap(layer.U, layer.V) for layer in layers])
+    return overlap / layers[0].U.shape[1]
 
 
 def _artifact_spectrum(layers: list, gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
@@ -88,20 +99,35 @@ def total_loss(
     model: nn.Module,
     config: MASMConfig | None,
     groups: list[list] | None = None,
+    *,
+    auxiliary: dict[str, tuple[float, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training objective and each of its terms (detached, so logging does not force a device sync)."""
+    """The training objective and each of its terms (detached, so logging does not force a device sync).
+
+    Logged terms: ``cls``, then those of :func:`regularizers` (``orth``, ``guard``, ``spec``) when
+    ``config`` is given, then the auxiliary ones, then ``total``. ``auxiliary``: ``{name: (weight,
+    value)}`` of further terms; by default, when ``model`` is a :class:`~masm.models.Detector`, its
+    :meth:`~masm.models.Detector.auxiliary_losses` (the method's feature losses, e.g. ln-tune's GenD
+    alignment and uniformity; empty for methods without any), and none for any other module.
+    """
     loss = F.cross_entropy(logits.float(), labels)
     logged = {"cls": loss.detach()}
     if config is not None:
+        weights = {"orth": config.lambda_orth, "guard": config.lambda_guard, "spec": config.lambda_spec}
         for name, value in regularizers(model, config, groups).items():
-            weight = config.lambda_orth if name == "orth" else config.lambda_spec
-            loss = loss + weight * value
+            loss = loss + weights[name] * value
             logged[name] = value.detach()
-    # feature losses of the method (ln-tune's GenD alignment and uniformity terms)
-    auxiliary = getattr(model, "auxiliary_losses", None)
-    if auxiliary is not None:
-        for name, (weight, value) in auxiliary(labels).items():
-            loss = loss + weight * value
-            logged[name] = value.detach()
+    if auxiliary is None:
+        auxiliary = _detector_losses(model, labels)
+    for name, (weight, value) in auxiliary.items():
+        loss = loss + weight * value
+        logged[name] = value.detach()
     logged["total"] = loss.detach()
     return loss, logged
+
+
+def _detector_losses(model: nn.Module, labels: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+    # Imported here: masm.models builds on this package (its presets configure MASM layers).
+    from ..models.detector import Detector
+
+    return model.auxiliary_losses(labels) if isinstance(model, Detector) else {}

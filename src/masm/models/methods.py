@@ -102,6 +102,7 @@ METHODS: dict[str, dict[str, Any]] = {
             "lambda_orth": 1.0,
             "lambda_spec": 1.0,
             "semantic_guard": "penalty",
+            "lambda_guard": 1.0,  # = lambda_orth, the weight the penalty had as part of L_orth
             "spectral_mode": "energy",
             "mask": _NO_MASK,
         },
