@@ -28,7 +28,7 @@ from masm.benchmarks.serve import load, multipart_body, quick_demo_detector, ran
 from masm.inference import RESULT_KEYS, Scorer, ScorerOptions
 from masm.serve import ServeOptions, create_app
 from masm.serve.batching import Batcher
-from test_inference_detect import build_inputs
+from test_inference_detect import build_inputs, face_detector
 
 # Limits of the real server, small enough that the tests can cross them cheaply.
 SERVER_ARGS = ["--max-upload-mb", "2", "--max-video-frames", "20", "--timeout-s", "30"]
@@ -36,6 +36,9 @@ SERVER_ARGS = ["--max-upload-mb", "2", "--max-video-frames", "20", "--timeout-s"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
+    # MASM_SERVE_TEST_MODEL: a trained quick-demo detector instead (how the README's screenshot was made).
+    if os.environ.get("MASM_SERVE_TEST_MODEL"):
+        return Path(os.environ["MASM_SERVE_TEST_MODEL"])
     return quick_demo_detector(tmp_path_factory.mktemp("serve") / "model")
 
 
@@ -249,6 +252,51 @@ def test_batcher_scores_requests_that_arrive_together_in_one_batch():
         assert len(asyncio.run(requests([40]))[0]) == 40 and sizes[-2:] == [32, 8]
     finally:
         batcher.close()
+
+
+def test_a_face_model_finds_and_scores_faces_like_masm_detect(tmp_path, corpus):
+    from masm.models import save_checkpoint
+
+    good, _ = corpus
+    checkpoint = save_checkpoint(face_detector(), tmp_path / "face-model")
+    (want,) = Scorer(checkpoint).score_paths([str(good["face"])])
+    with TestClient(create_app(checkpoint, ServeOptions())) as c:
+        assert c.get("/v1/model").json()["faces"] is True
+        response = c.post("/v1/detect", files={"file": ("astronaut.jpg", good["face"].read_bytes())})
+    r = response.json()
+    assert response.status_code == 200 and r["faces"] == want["faces"] >= 1 and r["note"] is None
+    assert r["score"] == pytest.approx(want["score"], abs=1e-5)
+
+
+def test_cli_binds_loopback_and_warns_when_exposed_without_a_key(model, monkeypatch, capsys):
+    import uvicorn
+
+    from masm.cli.main import main
+
+    calls = []
+
+    def fake_run(app, **kwargs):  # records where it would listen; runs the app's startup and shutdown
+        calls.append({**kwargs, "api_key": app.state.service.options.api_key})
+        with TestClient(app):
+            pass
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.delenv("MASM_SERVE_API_KEY", raising=False)
+    assert main(["serve", str(model)]) == 0
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000
+    assert "warning" not in capsys.readouterr().err
+    assert main(["serve", str(model), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert calls[-1]["host"] == "0.0.0.0" and "without an API key" in capsys.readouterr().err
+    monkeypatch.setenv("MASM_SERVE_API_KEY", "from-the-environment")
+    assert main(["serve", str(model), "--host", "0.0.0.0"]) == 0
+    assert "warning" not in capsys.readouterr().err and calls[-1]["api_key"] == "from-the-environment"
+
+    assert main(["serve", str(model), "--max-batch", "0"]) == 2
+    assert "max_batch must be > 0" in capsys.readouterr().err
+    assert main(["serve", str(model / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "Traceback" not in err
+    assert len(calls) == 3
 
 
 # -- a real `masm serve` on loopback ----------------------------------------------------------------------

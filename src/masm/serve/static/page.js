@@ -130,9 +130,10 @@ async function detect(file) {
   try {
     const response = await fetch(`/v1/detect?explain=${explain}`, { method: "POST", body: form, headers: headers() });
     const body = await response.json();
-    $("status").textContent = response.ok ? "done" : `refused (HTTP ${response.status})`;
     if (response.ok || body.input !== undefined) showResult(body);
     if (!response.ok) $("error").textContent = body.error || response.statusText;
+    // Set last: "done" means everything above is on the page.
+    $("status").textContent = response.ok ? "done" : `refused (HTTP ${response.status})`;
   } catch (err) {
     $("status").textContent = "failed";
     $("error").textContent = `the service could not be reached: ${err.message}`;
