@@ -6,8 +6,8 @@
   order) and one contact sheet ``DIR/NNNNN-NAME-sheet.png`` (key ``explanation``): the highest-scoring
   frames with their maps and the per-frame score over time.
 
-``NNNNN`` is the input's position in the run, so inputs of the same name in different folders do not
-overwrite each other.
+``NNNNN`` is the input's position in the run and ``NAME`` its file name without the extension, so inputs
+of the same name (in different folders, or photo.jpg and photo.png) do not overwrite each other.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .render import save_overlay, video_sheet
 
 
 def file_stem(number: int, path: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).name)[:60] or "input"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:60] or "input"
     return f"{number:05d}-{name}"
 
 
