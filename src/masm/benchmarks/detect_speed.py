@@ -5,6 +5,8 @@ normalise, batch, run the merged MASM detector) is timed on pre-cropped images a
 ``CLIPVisionModel`` forward on an already prepared batch of the same size, in the same run. The median of
 repeated runs is reported; ratio = detect / plain images per second (1.0: inference costs nothing beyond
 the backbone; below 1 the gap is decoding and preprocessing, since the merged model is plain Linears).
+``--explain`` also times the path with explanation maps (``masm detect --explain``: one backward per batch
+and a PNG overlay per image), interleaved with the others.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--explain", action="store_true", help="also time detect --explain (maps and PNGs)")
     parser.add_argument("--out", help="also write the results to this JSON file")
 
 
@@ -48,13 +51,19 @@ def run(args) -> int:
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="masm-bench-detect-") as tmp:
+        explaining = None
+        if args.explain:
+            options = ScorerOptions(
+                batch_size=args.batch_size, faces=False, explain_dir=str(Path(tmp) / "maps")
+            )
+            explaining = Scorer(scorer.model, options, device=device)
         paths = []
         for i in range(args.images):
             paths.append(str(Path(tmp) / f"{i:04d}.png"))
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1])
         batch = torch.randn(args.batch_size, 3, size, size, device=device)
 
-        def detect_once() -> float:
+        def detect_once(scorer=scorer) -> float:
             start = time.perf_counter()
             results = list(scorer.score_paths(paths))
             elapsed = time.perf_counter() - start
@@ -71,10 +80,14 @@ def run(args) -> int:
             return batches * args.batch_size / (time.perf_counter() - start)
 
         detect_once(), plain_once()  # warm-up
-        detect_ips, plain_ips = [], []
-        for _ in range(args.repeats):  # interleaved so both see the same machine state
+        if explaining is not None:
+            detect_once(explaining)
+        detect_ips, plain_ips, explain_ips = [], [], []
+        for _ in range(args.repeats):  # interleaved so all see the same machine state
             detect_ips.append(detect_once())
             plain_ips.append(plain_once())
+            if explaining is not None:
+                explain_ips.append(detect_once(explaining))
 
     result = {
         "backbone": args.backbone,
@@ -92,6 +105,10 @@ def run(args) -> int:
         "plain_runs": plain_ips,
     }
     result["ratio"] = result["detect_images_per_s"] / result["plain_forward_images_per_s"]
+    if explain_ips:
+        result["explain_images_per_s"] = statistics.median(explain_ips)
+        result["explain_runs"] = explain_ips
+        result["explain_ratio"] = result["explain_images_per_s"] / result["plain_forward_images_per_s"]
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -111,4 +128,9 @@ def format_table(result: dict) -> str:
     ]
     lines = [head] + [f"  {name:<40} {ips:8.2f} images/s" for name, ips in rows]
     lines.append(f"  {'ratio detect / plain':<40} {result['ratio']:8.3f}")
+    if "explain_images_per_s" in result:
+        lines.append(
+            f"  {'detect --explain (maps, PNG overlays)':<40} {result['explain_images_per_s']:8.2f} images/s"
+        )
+        lines.append(f"  {'ratio detect --explain / plain':<40} {result['explain_ratio']:8.3f}")
     return "\n".join(lines)
