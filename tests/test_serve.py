@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -355,6 +356,12 @@ def test_bad_input_corpus_gets_4xx_each_and_the_server_keeps_serving(server, cor
             assert response.status_code == status, (name, response.text)
             assert_one_line_reason(response, fragment)
             assert_healthy(c, good_png)
+        # A client that goes away half-way through its upload (the server log is checked for tracebacks).
+        host, port = server.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:
+            head = "POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            raw.sendall(f"{head}Content-Length: 100000\r\n\r\n".encode() + good_png[:500])
+        assert_healthy(c, good_png)
         assert c.get("/v1/nothing").status_code == 404 and c.get("/v1/detect").status_code == 405
         health = c.get("/health").json()
         assert health["refused"] >= len(expected) + len(requests) and health["admitted"] == 0

@@ -47,6 +47,7 @@ def run(args) -> int:
     values["api_key"] = values["api_key"] or os.environ.get(API_KEY_ENV) or None
     options = ServeOptions(**values)
     options.validate()
+    _check_device(options.device)
     try:
         import uvicorn
 
@@ -63,3 +64,15 @@ def run(args) -> int:
     # One process: the model is loaded once and every request shares its batches.
     uvicorn.run(app, host=options.host, port=options.port, log_level=args.log_level, workers=1)
     return 0
+
+
+def _check_device(name: str) -> None:
+    """A device that cannot be used is a one-line usage error, before the model is loaded."""
+    import torch
+
+    from masm.errors import MasmError
+
+    try:
+        torch.empty(0, device=torch.device(name))
+    except (RuntimeError, AssertionError) as err:
+        raise MasmError(f"device {name!r} is not usable here ({err})") from None

@@ -89,9 +89,20 @@ async def receive(request, dest: Path, max_bytes: int) -> str:
     return label
 
 
+async def _chunks(request):
+    """The body as it arrives; a client that goes away mid-upload is a refused request, not a crash."""
+    from starlette.requests import ClientDisconnect
+
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise UploadError(400, "the client went away before the upload was complete") from None
+
+
 async def _receive_raw(request, sink, max_bytes: int) -> None:
     received = 0
-    async for chunk in request.stream():
+    async for chunk in _chunks(request):
         received += len(chunk)
         if received > max_bytes:
             raise UploadError(413, _too_large(max_bytes))
@@ -105,7 +116,7 @@ async def _receive_multipart(request, sink, boundary: bytes | None, limit: int, 
     parser = MultipartParser(boundary, part.callbacks())
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _chunks(request):
             received += len(chunk)
             if received > limit:
                 raise UploadError(413, _too_large(max_bytes))
