@@ -34,6 +34,7 @@ def test_quick_demo_runs_end_to_end_and_its_outputs_load(tmp_path, capsys):
     assert report["heldout_families"] and not set(report["heldout_families"]) & set(report["train_families"])
     assert (out / "report.md").read_text().startswith("# masm demo")
     assert (out / "roc.png").stat().st_size > 0 and (out / "masks.png").stat().st_size > 0
+    assert (out / "examples.png").stat().st_size > 0 and "examples.png" in (out / "report.md").read_text()
     detector = load_checkpoint(out / "model")
     assert detector.config.method.name == "masm" and detector.config.backbone == "demo-clip"
     assert detector.preprocessing.face_crop is None and detector.preprocessing.input_size == 64
