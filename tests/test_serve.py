@@ -8,6 +8,7 @@ tested here does not depend on what the weights learned).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -151,8 +152,6 @@ def test_explanation_maps_come_with_explain_true(client, corpus):
     for item, frame in zip(r["explanation"], r["frame_scores"]):
         assert item["score"] == pytest.approx(frame["score"])
         assert item["map"].startswith("data:image/png;base64,")
-    import base64
-
     png = Image.open(io.BytesIO(base64.b64decode(r["explanation"][0]["map"].split(",", 1)[1])))
     assert png.size == (64, 64)  # the crop the model saw
 
@@ -431,6 +430,19 @@ def test_page_in_headless_chromium_shows_verdict_plot_and_maps(server, corpus, t
         verdict = driver.find_element(By.ID, "verdict").text
         assert verdict == want["label"].capitalize()
         assert driver.find_element(By.ID, "score").text == f"P(fake) = {want['score']:.4f}"
+
+        # Dropping a file on the page does the same as choosing it.
+        drop = """
+            const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        """
+        driver.execute_script(drop, base64.b64encode(good["rgb"].read_bytes()).decode())
+        wait.until(lambda d: "dropped.png" in d.find_element(By.ID, "details").text)
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "done")
+        assert driver.find_element(By.ID, "verdict").text in ("Fake", "Real")
 
         driver.find_element(By.ID, "explain").click()
         driver.find_element(By.ID, "file").send_keys(str(video))

@@ -94,7 +94,8 @@ class Batcher:
         return self._admitted
 
     def _retry_after(self) -> int:
-        """Seconds until the queue has likely drained: the mean batch time times the batches queued."""
+        """Seconds until the queue has likely drained: the mean forward time per crop times the requests
+        admitted (each has at least one crop); at least 1."""
         if not self.stats.batches:
             return 1
         per_crop = self.stats.seconds / max(1, self.stats.crops)
@@ -111,10 +112,10 @@ class Batcher:
     async def score(self, admission: _Admission, crops: list[torch.Tensor]) -> list[float]:
         """Scores of ``crops`` (one request's), computed in a shared batch; cancellable while waiting."""
         group = _Group(crops)
+        self._queue.put(group)  # queued before it stops counting as on its way, so no batch misses it
         with self._lock:
             self._on_the_way -= 1
             admission.queued = True
-        self._queue.put(group)
         return await asyncio.wrap_future(group.future)
 
     async def run_exclusive(self, fn: Callable[[], object]) -> object:
