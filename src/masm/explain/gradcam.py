@@ -46,8 +46,9 @@ class TokenGradCAM:
         self.detector.eval()
         handle = self.block.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            with torch.enable_grad():
-                logits = self.detector(pixel_values)
+            # Gradients even under torch.no_grad() or torch.inference_mode() (see relevance.py).
+            with torch.inference_mode(False), torch.enable_grad():
+                logits = self.detector(pixel_values.clone())
                 (grads,) = torch.autograd.grad(fake_log_odds(logits).sum(), captured[0])
         finally:
             handle.remove()

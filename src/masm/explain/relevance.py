@@ -43,10 +43,14 @@ class AttentionRelevance:
         was_training = detector.training
         detector.eval()
         try:
-            with torch.enable_grad(), detector.family.attention_probabilities(detector.backbone) as found:
-                logits = detector(pixel_values.detach().requires_grad_(True))
-                grads = torch.autograd.grad(fake_log_odds(logits).sum(), found)
-                attentions = [a.detach() for a in found]
+            # Gradients even when called under torch.no_grad() or torch.inference_mode() (a service may
+            # be); the clone is an ordinary tensor even if pixel_values was made in inference mode.
+            with torch.inference_mode(False), torch.enable_grad():
+                pixels = pixel_values.clone().requires_grad_(True)
+                with detector.family.attention_probabilities(detector.backbone) as found:
+                    logits = detector(pixels)
+                    grads = torch.autograd.grad(fake_log_odds(logits).sum(), found)
+                    attentions = [a.detach() for a in found]
         finally:
             detector.train(was_training)
         patch_maps = self.relevance(attentions, grads)
