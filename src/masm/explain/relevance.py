@@ -1,4 +1,8 @@
-"""Gradient-weighted attention relevance (Chefer, Gur and Wolf, ICCV 2021), the default explanation.
+"""Gradient-weighted attention relevance (Chefer, Gur and Wolf), the default explanation.
+
+The rule of their ICCV 2021 paper (arXiv 2103.15679), which keeps the gradient weighting of their CVPR 2021
+method (arXiv 2012.09838) and uses the attention itself where that one needs LRP relevances of every
+layer: the same single backward, and no per-layer relevance rules for each family's modules.
 
 Every block's attention probabilities ``A`` (heads x T x T) are captured in the forward pass
 (:meth:`masm.models.families.BackboneFamily.attention_probabilities`), and one backward of the batch's
@@ -9,9 +13,9 @@ itself) and goes through the blocks in order::
     R = R + Ā R                                 # the residual keeps what was there
 
 The patch tokens' relevance to the token(s) the head reads (the class token, or all tokens where an
-attention-pooling head reads every one, as SigLIP's) is the map. The notes' reference: this relevance beats
+attention-pooling head reads every one, as SigLIP's) is the map. Gradient-weighted relevance beats
 rollout, Grad-CAM and LRP on ViT perturbation and segmentation tests (arXiv 2012.09838), and on the demo
-detector it is the one map that finds the forged region (``masm bench explain``).
+detector it is the one map here that finds the forged region (``masm bench explain``).
 
 Why not pytorch-grad-cam (PyPI ``grad-cam`` 1.5.7): it requires torchvision and imports it when loaded,
 whose PyPI wheels match only CUDA torch builds (the reason timm is not in masm's ``all`` extra either),
