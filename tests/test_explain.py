@@ -238,3 +238,22 @@ def test_eval_report_shows_top_fakes_false_alarms_and_misses_with_maps(tmp_path)
         "/real/" in alarms[0]["path"]
         and "Where the detector looks" in (tmp_path / "eval" / "report.md").read_text()
     )
+
+
+def test_an_explanation_that_cannot_be_written_is_that_inputs_one_line_error(tmp_path):
+    from masm.inference import Scorer, ScorerOptions
+
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(paths[-1])
+    blocked = tmp_path / "maps"
+    blocked.write_text("a file where the folder should be")
+    detector = trained_like("tiny-clip", Preprocessing(input_size=32, face_crop=None))
+    results = list(Scorer(detector, ScorerOptions(explain_dir=str(blocked))).score_paths(paths))
+    assert len(results) == 2
+    for path, result in zip(paths, results):
+        assert (
+            result["error"].startswith(f"{path}: cannot write its explanation")
+            and "\n" not in result["error"]
+        )

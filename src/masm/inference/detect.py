@@ -299,5 +299,10 @@ class Scorer:
                 result.update(write_explanations(self.options.explain_dir, job, frame_scores))
             except OSError as err:
                 result["error"] = f"{result['input']}: cannot write its explanation ({err.strerror or err})"
+            except Exception as err:  # a drawing failure on odd content must not end the run either
+                log.debug("%s: explanation failed", result["input"], exc_info=True)
+                result["error"] = (
+                    f"{result['input']}: cannot draw its explanation ({type(err).__name__}: {err})"
+                )
             job.frames, job.maps = [], []  # the images are not needed any more
         return result
