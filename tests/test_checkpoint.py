@@ -106,3 +106,47 @@ def test_overwrite_is_atomic_and_extra_files_round_trip(tmp_path):
     save_checkpoint(detector, tmp_path / "ckpt", extra_tensors={"state": {"a": torch.arange(3)}})
     assert torch.equal(load_extra_tensors(tmp_path / "ckpt", "state")["a"], torch.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def _copy_of(path, name):
+    import shutil
+
+    target = path.with_name(name)
+    shutil.copytree(path, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "left_behind, reader_sees, recovered",
+    [
+        # killed between the two renames: the old copy and the complete new one, no DIR
+        ({"ckpt.old": "old", "ckpt.tmp": "new"}, "new", "new"),
+        # killed after the first rename, before the new copy was complete
+        ({"ckpt.old": "old", "ckpt.tmp": "partial"}, "old", "old"),
+        # killed while writing the new copy: DIR is intact
+        ({"ckpt": "old", "ckpt.tmp": "partial"}, "old", "old"),
+        # the new copy complete, not yet switched in: readers keep the switched-in one, a resume the newest
+        ({"ckpt": "old", "ckpt.tmp": "new"}, "old", "new"),
+        # killed after the switch, before the old copy was removed
+        ({"ckpt": "new", "ckpt.old": "old"}, "new", "new"),
+    ],
+)
+def test_recovery_takes_the_newest_complete_copy_a_kill_left(tmp_path, left_behind, reader_sees, recovered):
+    from masm.models.checkpoint import checkpoint_candidates, recover_checkpoint
+
+    models = {"old": _trained("effort"), "new": _trained("effort")}
+    with torch.no_grad():
+        models["new"].head.weight.add_(1.0)
+    for name, model in [("old", models["old"]), ("new", models["new"]), ("partial", models["new"])]:
+        save_checkpoint(model, tmp_path / f"src-{name}")
+    weights = tmp_path / "src-partial" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a data file cut short
+    for name, which in left_behind.items():
+        _copy_of(tmp_path / f"src-{which}", name)
+    directory = tmp_path / "ckpt"
+    # a reader finds a complete copy without moving anything
+    assert load_checkpoint(directory).head.weight.equal(models[reader_sees].head.weight)
+    recover_checkpoint(directory)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")] == ["ckpt"]
+    assert checkpoint_candidates(directory) == [directory]
+    assert load_checkpoint(directory).head.weight.equal(models[recovered].head.weight)

@@ -21,6 +21,7 @@ import yaml
 
 from ..config import merge_dicts, parse_overrides
 from ..errors import CheckpointError, ConfigError, MasmError
+from ..models.checkpoint import read_checkpoint_config
 from .config import TrainConfig, config_to_dict, load_train_config, train_config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -148,3 +149,30 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: data}
+
+
+def check_resume_model(config: TrainConfig, last_dir: Path) -> None:
+    """Refuse to resume a run whose checkpoint holds another model than the config asks for."""
+    if not last_dir.is_dir():
+        return
+    saved = read_checkpoint_config(last_dir)["model"]
+    wanted = config_to_dict(config.model)
+    if wanted.get("preprocessing") is None:
+        saved = {k: v for k, v in saved.items() if k != "preprocessing"}
+        wanted = {k: v for k, v in wanted.items() if k != "preprocessing"}
+    if saved.get("backbone") != wanted.get("backbone"):
+        raise CheckpointError(
+            f"{last_dir}: the checkpoint is of backbone {saved.get('backbone')!r}, the config asks for "
+            f"{wanted.get('backbone')!r}"
+        )
+    if saved != wanted:
+        diff = _first_difference(saved, wanted)
+        raise CheckpointError(f"{last_dir}: the checkpoint's model config differs from the config at {diff}")
+
+
+def _first_difference(a: Any, b: Any, where: str = "model") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+    return f"{where} ({a!r} in the checkpoint, {b!r} in the config)"

@@ -264,35 +264,6 @@ def _dump_state_hash(run: Run) -> None:
     (Path(folder) / f"rank{run.env.rank}.json").write_text(json.dumps(record))
 
 
-def _check_resume_model(config: TrainConfig, last_dir: Path) -> None:
-    """Refuse to resume a run whose checkpoint holds another model than the config asks for."""
-    if not last_dir.is_dir():
-        return
-    from ..models.checkpoint import read_checkpoint_config
-
-    saved = read_checkpoint_config(last_dir)["model"]
-    wanted = config_to_dict(config.model)
-    if wanted.get("preprocessing") is None:
-        saved = {k: v for k, v in saved.items() if k != "preprocessing"}
-        wanted = {k: v for k, v in wanted.items() if k != "preprocessing"}
-    if saved.get("backbone") != wanted.get("backbone"):
-        raise CheckpointError(
-            f"{last_dir}: the checkpoint is of backbone {saved.get('backbone')!r}, the config asks for "
-            f"{wanted.get('backbone')!r}"
-        )
-    if saved != wanted:
-        diff = _first_difference(saved, wanted)
-        raise CheckpointError(f"{last_dir}: the checkpoint's model config differs from the config at {diff}")
-
-
-def _first_difference(a: Any, b: Any, where: str = "model") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
-    return f"{where} ({a!r} in the checkpoint, {b!r} in the config)"
-
-
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -346,7 +317,7 @@ def _train(config, out, resume, env, progress, in_memory, on_step, overwrite, re
         found = RunCheckpoints(out, env).recover()  # wherever a kill left the newest complete copy
         run_folder.check_recorded_data(written, resume_changed)
         config, changes = run_folder.resume_config(out, config, resume_changed)
-        _check_resume_model(config, out / "checkpoints" / "last")
+        run_folder.check_resume_model(config, out / "checkpoints" / "last")
         if env.is_main:
             run_folder.record_changes(out, changes, _checkpoint_step(out))
     elif env.is_main:
