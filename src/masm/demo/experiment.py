@@ -240,8 +240,13 @@ def run_method(
 
     config = train_config(method, splits, settings, seed, overrides)
     start = time.perf_counter()
-    result = train(
-        config, out_dir, progress=progress, train_data=splits.train.records, val_data=splits.val.records
+    result = train(  # the experiment owns its run folders: a rerun replaces them
+        config,
+        out_dir,
+        progress=progress,
+        train_data=splits.train.records,
+        val_data=splits.val.records,
+        overwrite=True,
     )
     train_seconds = time.perf_counter() - start
     detector = load_checkpoint(result.best_checkpoint, merge=True)
