@@ -77,7 +77,7 @@ def _arm(moment: tuple) -> dict:
         checkpoint_module.os.replace = _Counter(checkpoint_module.os.replace, n)
     elif kind == "fsync_dir":  # after the switch's renames, before the old copy is removed
         checkpoint_module._fsync_dir = _Counter(checkpoint_module._fsync_dir, n, after=True)
-    elif kind == "config_json":  # the checkpoint's config.json written, folder not yet synced and switched
+    elif kind == "fsync_file":  # a file of the checkpoint written, before it is synced
         checkpoint_module._fsync_file = _Counter(checkpoint_module._fsync_file, n)
     elif kind == "validate":  # in the middle of a validation
         counter = _Counter(validation_module.Selection.score, n)
@@ -130,7 +130,7 @@ MOMENTS = (
     + [("save_file", n) for n in (1, 2, 4, 7)]
     + [("replace", n) for n in (1, 2, 3, 4, 5, 7)]
     + [("fsync_dir", n) for n in (1, 3)]
-    + [("config_json", n) for n in (3, 9)]
+    + [("fsync_file", n) for n in (3, 9)]
     + [("validate", n) for n in (1, 2)]
 )
 
