@@ -96,3 +96,16 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim: {learning_rate: 0.1}\n")
     with pytest.raises(ConfigError, match="optim.learning_rate"):
         load_train_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "raw, value", [("1e-4", 1e-4), ("2E-3", 2e-3), ("-1.5e2", -150.0), ("3", 3.0), ("1.0e-8", 1e-8)]
+)
+def test_numbers_in_exponent_notation_are_numbers(raw, value):
+    # YAML 1.1 reads "1e-4" (no dot) as a string; in a float field it is the number a user meant
+    assert load_train_config(None, [f"optim.eps={raw}"]).optim.eps == value
+
+
+def test_a_word_in_a_number_field_is_still_refused():
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got '1e-4x'"):
+        load_train_config(None, ["optim.lr=1e-4x"])
