@@ -150,3 +150,31 @@ def test_folder_wrong_layout_is_an_error(tmp_path):
         open_dataset(f"folder:{tmp_path}")
     with pytest.raises(DataError, match="not found"):
         open_dataset(f"folder:{tmp_path / 'nope'}")
+
+
+def test_describe_counts_frames_for_images_and_videos_for_videos(tmp_path):
+    images = tmp_path / "photos"
+    for i in range(3):
+        write_png(images / "real" / f"{i}.png")
+    write_png(images / "fake" / "gan" / "a.png")
+    line = open_dataset(f"folder:{images}", frames_per_video=2).describe()
+    assert line == "photos: real 3 frames, fake 1 frames (gan 1)"
+    clips = tmp_path / "clips"
+    for i in range(2):
+        write_png(clips / "real" / "vid_a" / f"{i}.png")
+        write_png(clips / "fake" / "gan" / "vid_b" / f"{i}.png")
+    line = open_dataset(f"folder:{clips}", frames_per_video=2).describe()
+    assert line == "clips: real 1 videos / 2 frames, fake 1 videos / 2 frames (gan 1)"
+
+
+def test_corrupt_video_error_in_words_naming_the_file(tmp_path):
+    from masm.data.video import count_frames, read_frames
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(bytes(range(256)) * 16)
+    for read in (count_frames, lambda p: read_frames(p, 4)):
+        with pytest.raises(DataError) as err:
+            read(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: cannot open video (invalid or corrupt data")
+        assert "Errno" not in message and "1094995529" not in message and message.count(str(path)) == 1

@@ -113,7 +113,10 @@ def test_cli(tmp_path, capsys):
         + ["--size", "40", "--seed", "3", "--no-progress"]
     )
     assert args.func(args) == 0
-    assert "wrote 4 real and 4 fake crops" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # One line that says what was written and where the details are, not the whole synth.json.
+    assert out.count("\n") == 1 and "{" not in out
+    assert "wrote 4 real and 4 fake crops (resample 2, fingerprint 2)" in out and "synth.json" in out
     args = parser.parse_args(["synth", "--out", str(tmp_path / "other"), "--families", "resample,nope"])
     with pytest.raises(ConfigError, match="nope"):
         args.func(args)

@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--explain", action="store_true", help="also time detect --explain (maps and PNGs)")
-    parser.add_argument("--out", help="also write the results to this JSON file")
+    parser.add_argument("--out", help="also write the results to this JSON file (default: none)")
 
 
 def run(args) -> int:

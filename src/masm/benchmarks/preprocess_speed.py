@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--detect-widths", default="320,640,0", help="comma-separated detection widths (0: full resolution)"
     )
-    parser.add_argument("--out", help="also write the results to this JSON file")
+    parser.add_argument("--out", help="also write the results to this JSON file (default: none)")
 
 
 def make_clip(path: Path, num_frames: int, width: int = 1280, height: int = 720) -> Path:

@@ -54,7 +54,7 @@ def add_arguments(parser) -> None:
         "--jobs", type=int, default=1, help="runs in parallel, one process and one thread each"
     )
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per training step")
     parser.add_argument("--lr", type=float, default=LR, help="learning rate of the adapter methods")
     parser.add_argument("--train-reals", type=int, default=4000, help="real training crops")
     parser.add_argument("--eval-per-family", type=int, default=150, help="fakes per family of each test set")

@@ -45,7 +45,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--serve-args", default="", help="extra arguments for masm serve, e.g. '--batch-window-ms 5'"
     )
-    parser.add_argument("--out", help="also write the results to this JSON file")
+    parser.add_argument("--out", help="also write the results to this JSON file (default: none)")
 
 
 def run(args) -> int:

@@ -61,11 +61,11 @@ def add_arguments(parser) -> None:
         help="backbone of any supported family: registry name (e.g. tiny-dinov2), hub id or directory "
         "(default: CLIP ViT-B/16 shapes)",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per training step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--methods", default=",".join(TRAIN_METHODS), help="comma-separated training methods")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument(
         "--precision",
@@ -73,7 +73,7 @@ def add_arguments(parser) -> None:
         default="auto",
         help="as in training: auto is bf16 autocast on CUDA and fp32 on CPU",
     )
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="also write the results to this JSON file (default: none)")
 
 
 def run(args) -> int:

@@ -16,7 +16,11 @@ BENCHMARKS = {
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark", description=__doc__)
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark",
+        description="Run one of the benchmarks below; masm bench NAME --help lists its options.",
+    )
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, (module_name, help_text) in BENCHMARKS.items():
         bench_parser = sub.add_parser(name, help=help_text, description=help_text)

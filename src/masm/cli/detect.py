@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("checkpoint", help="checkpoint directory (adapter or merged weights)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, video, folder, or - (stdin)")
-    parser.add_argument("--out", help="write the JSON lines to this file instead of stdout")
+    parser.add_argument("--out", help="write the JSON lines to this file (default: standard output)")
     parser.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
     parser.add_argument("--frames", type=int, default=32, help="evenly spaced frames per video (0: all)")
     parser.add_argument("--no-face", action="store_true", help="score whole images (inputs are face crops)")
@@ -34,7 +34,8 @@ def register(subparsers) -> None:
         "--explain",
         metavar="DIR",
         help="write explanation maps to DIR: each image and scored video frame overlaid with where the "
-        "evidence for 'fake' is (PNG), a contact sheet per video; adds 'explanation' to the JSON lines",
+        "evidence for 'fake' is (PNG), a contact sheet per video; adds 'explanation' to the JSON lines "
+        "(default: no maps)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

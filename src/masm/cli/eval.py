@@ -33,7 +33,11 @@ def register(subparsers) -> None:
         help="robustness perturbation, repeatable: jpeg:3, blur (levels 1-5), or all",
     )
     parser.add_argument("--frames", type=int, default=32, help="frames per video, evenly spaced (0: all)")
-    parser.add_argument("--data-root", help="root that relative frame paths resolve against")
+    parser.add_argument(
+        "--data-root",
+        help="folder that relative frame paths in a dfb: index resolve against (default: the index's "
+        "own folder)",
+    )
     parser.add_argument("--compression", default="c23", help="FF++-family compression level")
     parser.add_argument("--batch-size", type=int, default=64, help="frames per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")

@@ -14,12 +14,11 @@ def register(subparsers) -> None:
         "effort",
         help="an Effort (ICML 2025) .pth checkpoint",
         description=(
-            "Read an Effort checkpoint (torch.load with weights_only=True: nothing but tensors is unpickled; "
-            "a raw state dict or one under 'state_dict'/'model'; 'module.' prefixes stripped; U_r/S_r/V_r "
-            "may be absent), map weight_main + U_residual diag(S_residual) V_residual exactly onto masm's "
-            "K=1 layer, check every layer against Effort's formula, and write a masm checkpoint directory "
-            "(merged weights, safetensors) with Effort's preprocessing: aligned face crop, 224 px, CLIP "
-            "mean/std. `masm detect`, `masm eval` and `masm train --set model.backbone=OUT` accept it."
+            "Read an Effort checkpoint (only tensors are loaded from it, never code), convert every adapted "
+            "layer exactly into masm's form, check each against Effort's own formula, and write a masm "
+            "checkpoint directory (merged weights) with Effort's preprocessing: aligned face crop, 224 "
+            "pixels, CLIP mean and std. masm detect and masm eval read it, and masm train starts from it "
+            "with --set model.backbone=OUT."
         ),
     )
     effort.add_argument("checkpoint", help="Effort .pth (or .safetensors) file")
@@ -27,8 +26,8 @@ def register(subparsers) -> None:
     effort.add_argument(
         "--backbone",
         default="clip-vit-l14",
-        help="architecture: a registry name or a directory with a config.json (weights come from the file; "
-        "default clip-vit-l14, no download)",
+        help="architecture: a registry name or a directory with a config.json (the weights come from the "
+        "checkpoint, nothing is downloaded)",
     )
     effort.set_defaults(func=run)
 

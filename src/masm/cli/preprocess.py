@@ -17,7 +17,11 @@ def register(subparsers) -> None:
     parser.add_argument("src", help="video/image file, folder of them, or folder with real/ and fake/")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--name", required=True, help="dataset name (JSON file name and top-level key)")
-    parser.add_argument("--label", help="label name for a flat source (real, fake, FF-real, FF-DF, ...)")
+    parser.add_argument(
+        "--label",
+        help="label of every input of a SRC without real/ and fake/ sub-folders (real, fake, FF-real, "
+        "FF-DF, ...; default: none, and such a SRC needs one)",
+    )
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split in the JSON")
     parser.add_argument("--frames", type=int, default=32, help="frames per video, evenly spaced (0: all)")
     parser.add_argument("--size", type=int, default=256, help="side of the face crop in pixels")

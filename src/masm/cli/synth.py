@@ -1,14 +1,22 @@
-"""``masm synth --out DIR``: write a synthetic multi-forgery dataset (real photo crops and crops with one
-local manipulation from each forgery family) as a plain ``folder:`` dataset."""
+"""``masm synth --out DIR``: write a synthetic multi-forgery dataset as a plain ``folder:`` dataset."""
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
+
+# The strength masm demo and masm bench quality use (masm.demo.experiment.DEMO_STRENGTH; repeated here so
+# that --help does not import the demo, a test keeps the two equal).
+DEMO_STRENGTH = 5.0
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "synth", help="write a synthetic multi-forgery dataset", description=__doc__
+        "synth",
+        help="write a synthetic multi-forgery dataset",
+        description=(
+            "Write real photo crops and crops with one local manipulation from each forgery family, as a "
+            "folder dataset (OUT/real/, OUT/fake/FAMILY/, OUT/synth.json) that --data folder:OUT reads."
+        ),
     )
     parser.add_argument("--out", required=True, help="output folder (gets real/, fake/<family>/, synth.json)")
     parser.add_argument(
@@ -25,7 +33,7 @@ def register(subparsers) -> None:
         "--strength",
         type=float,
         default=1.0,
-        help="artifact magnitude multiplier (1: subtle; the demo uses 3)",
+        help=f"artifact magnitude multiplier (1: subtle; masm demo and masm bench quality use {DEMO_STRENGTH:g})",
     )
     parser.add_argument(
         "--masks", action="store_true", help="also write each fake's forgery region (masks/<family>/<id>.png)"
@@ -52,6 +60,9 @@ def run(args) -> int:
         masks=args.masks,
     )
     counts = summary["counts"]
-    print(f"wrote {counts['real']} real and {sum(counts['fake'].values())} fake crops to {args.out}")
-    print(json.dumps(summary, indent=2))
+    families = ", ".join(f"{name} {n}" for name, n in counts["fake"].items())
+    print(
+        f"wrote {counts['real']} real and {sum(counts['fake'].values())} fake crops ({families}) to {args.out}; "
+        f"parameters and counts in {Path(args.out) / 'synth.json'}"
+    )
     return 0

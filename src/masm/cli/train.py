@@ -12,10 +12,10 @@ def register(subparsers) -> None:
         "train",
         help="train a detector from a YAML config, or continue a run",
         description=(
-            "Train as CONFIG says (a YAML file; it may name `base:` files it extends). Writes OUT/config.yaml, "
+            "Train as CONFIG says (a YAML file; it may name base: files it extends). Writes OUT/config.yaml, "
             "metrics.jsonl, masks.jsonl, checkpoints/last and checkpoints/best, and with test sets eval/. "
-            "Continue a stopped run with `masm train --resume --out OUT` (no CONFIG: the run's own config). "
-            "Run under `torchrun --nproc_per_node N -m masm train ...` to train on N GPUs."
+            "Continue a stopped run with: masm train --resume --out OUT (no CONFIG: the run's own config). "
+            "To train on N GPUs, run: torchrun --nproc_per_node N -m masm train ..."
         ),
     )
     parser.add_argument("config", nargs="?", help="YAML config file (see configs/); optional with --resume")
@@ -26,7 +26,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=1e-4 --set model.method.name=effort",
+        help="override a config value, repeatable, e.g. --set optim.lr=1e-4 --set model.backbone=DIR "
+        "(a backbone saved locally)",
     )
     parser.add_argument(
         "--resume",

@@ -96,14 +96,23 @@ class FrameIndex:
         }
 
     def describe(self) -> str:
-        """One human-readable line: what was loaded, per family, and what was skipped."""
+        """One human-readable line: what was loaded, per family, and what was skipped.
+
+        Counts are videos and frames; an index of single images (each frame its own video) counts frames
+        only, and its families in frames, since it has no videos to speak of.
+        """
         s = self.summary()
-        text = (
-            f"{self.name}: real {s['videos']['real']} videos / {s['frames']['real']} frames, "
-            f"fake {s['videos']['fake']} videos / {s['frames']['fake']} frames"
-        )
+        if s["videos"] == s["frames"]:  # every "video" is one frame: images, not videos
+            text = f"{self.name}: real {s['frames']['real']} frames, fake {s['frames']['fake']} frames"
+            unit = "frames"
+        else:
+            text = (
+                f"{self.name}: real {s['videos']['real']} videos / {s['frames']['real']} frames, "
+                f"fake {s['videos']['fake']} videos / {s['frames']['fake']} frames"
+            )
+            unit = "videos"
         if s["families"]:
-            text += " (" + ", ".join(f"{f} {v['videos']}" for f, v in s["families"].items()) + ")"
+            text += " (" + ", ".join(f"{f} {v[unit]}" for f, v in s["families"].items()) + ")"
         if self.skipped:
             parts = [f"{v['count']} {reason} (e.g. {v['example']})" for reason, v in self.skipped.items()]
             text += "; skipped: " + "; ".join(parts)

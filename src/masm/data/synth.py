@@ -407,7 +407,7 @@ def synthesize(
     ``overwrite``: allow a non-empty ``out_dir`` (its ``real/``, ``fake/`` and ``synth.json`` are replaced).
     ``strength``: multiplies every family's artifact magnitude (noise level, colour shift, pattern
     amplitude, resampling factor, 1/JPEG quality; splicing has none). 1 gives subtle artifacts; small
-    backbones trained for minutes (the demo) need about 3.
+    backbones trained for minutes (the demo) need more (the demo uses 5).
     ``photos``: the source photographs as arrays (instead of scikit-image's or ``real_dir``'s).
     ``post``: apply the shared global post-processing (``False`` writes raw real crops, e.g. as the real
     frames that pseudo-fakes are made from during training, which then post-process them themselves).

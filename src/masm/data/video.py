@@ -17,6 +17,35 @@ from .sampling import sample_indices
 
 log = logging.getLogger(__name__)
 
+# FFmpeg's error classes (PyAV's names) in words; PyAV's own text starts with FFmpeg's numeric error code
+# ("[Errno 1094995529] Invalid data found ...", the code being AVERROR_INVALIDDATA), which says nothing.
+_FFMPEG_ERRORS = {
+    "InvalidDataError": "invalid or corrupt data: not a video FFmpeg can read",
+    "EOFError": "the file ends before the video does (truncated?)",
+    "DecoderNotFoundError": "no decoder for its video codec in this FFmpeg",
+    "DemuxerNotFoundError": "its container format is not one FFmpeg knows",
+    "PatchWelcomeError": "uses a feature FFmpeg does not implement",
+    "BugError": "FFmpeg failed on it (an FFmpeg bug)",
+    "UnknownError": "FFmpeg failed on it for an unknown reason",
+}
+
+
+def video_error_reason(err: BaseException) -> str:
+    """What went wrong, in words, for an error PyAV raised: no FFmpeg error number and no path (callers
+    name the file themselves)."""
+    import av
+
+    for name, words in _FFMPEG_ERRORS.items():
+        if isinstance(err, getattr(av.error, name)):
+            return words
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    if text.startswith("[Errno"):  # "[Errno N] message: 'path'" without strerror
+        text = text.split("] ", 1)[-1]
+    path = getattr(err, "filename", None)
+    if path:
+        text = text.replace(f": '{path}'", "").replace(f": {path}", "")
+    return text[:1].lower() + text[1:]
+
 
 def _open(path: Path):
     import av
@@ -28,7 +57,7 @@ def _open(path: Path):
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot open video ({err})") from None
+        raise DataError(f"{path}: cannot open video ({video_error_reason(err)})") from None
     if not container.streams.video:
         container.close()
         raise DataError(f"{path}: no video stream")
@@ -51,7 +80,7 @@ def count_frames(path: str | Path) -> int:
                 if packet.size:
                     count += 1
         except av.FFmpegError as err:
-            log.warning("%s: stopped counting packets at %d (%s)", path, count, err)
+            log.warning("%s: stopped counting packets at %d (%s)", path, count, video_error_reason(err))
         return count
     finally:
         container.close()
@@ -88,9 +117,9 @@ def read_frames(path: str | Path, num_frames: int, mode: str = "linspace") -> li
         error = err
     finally:
         container.close()
+    reason = video_error_reason(error) if error is not None else None
     if not out:
-        reason = f" ({error})" if error else ""
-        raise DataError(f"{path}: no decodable video frame{reason}")
+        raise DataError(f"{path}: no decodable video frame" + (f" ({reason})" if reason else ""))
     if error is not None or len(out) < len(wanted):
-        log.warning("%s: decoded %d of %d wanted frames (%s)", path, len(out), len(wanted), error or "short")
+        log.warning("%s: decoded %d of %d wanted frames (%s)", path, len(out), len(wanted), reason or "short")
     return out

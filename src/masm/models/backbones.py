@@ -302,8 +302,10 @@ def _missing_weights_message(spec: BackboneSpec, source: str, err: Exception) ->
         return (
             f"could not load backbone {spec.name!r} ({source}): its weights are neither in the local Hugging Face "
             f"cache nor downloadable from here ({type(err).__name__}). On a machine with internet run "
-            f"`huggingface-cli download {source}` and copy ~/.cache/huggingface over, or save the model with "
-            f"`AutoModel.from_pretrained('{source}').save_pretrained(DIR)` and pass --backbone DIR."
+            f"huggingface-cli download {source} and copy ~/.cache/huggingface over; or there save the model "
+            f"with AutoModel.from_pretrained('{source}').save_pretrained(DIR), copy DIR here and name it as "
+            f"the backbone: masm train CONFIG --set model.backbone=DIR (masm bench and masm import effort: "
+            f"--backbone DIR)."
         )
     return f"could not load backbone from {source}: {err}"
 
