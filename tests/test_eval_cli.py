@@ -75,6 +75,26 @@ def test_report_metrics_equal_sklearn_on_predictions_csv(trained, tmp_path, monk
         assert report["datasets"][name]["video"]["auc"] == pytest.approx(roc_auc_score(v_labels, v_scores))
     mean_auc = np.mean([report["datasets"][n]["frame"]["auc"] for n in rows])
     assert report["mean"]["frame"]["auc"] == pytest.approx(mean_auc)
+
+    # Per family: that family's fakes against all reals, beside the pooled AUC in the terminal table.
+    paths = defaultdict(list)
+    with (out / "predictions.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            paths[row["dataset"]].append((row["path"], int(row["label"]), float(row["score"])))
+    for name in rows:
+        families = report["datasets"][name]["families"]
+        assert set(families) == {"fam1", "fam2"}
+        for family, result in families.items():
+            kept = [(y, s) for p, y, s in paths[name] if y == 0 or f"/fake/{family}/" in p]
+            labels, scores = zip(*kept)
+            assert result["frame"]["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+            assert result["frame"]["n_fake"] == sum(labels) < report["datasets"][name]["frame"]["n_fake"]
+            line = next(x for x in captured.out.splitlines() if f"| {name} / {family} |" in x)
+            assert f"| {result['frame']['auc']:.4f} |" in line
+    mean_line = next(x for x in captured.out.splitlines() if x.startswith("| mean"))
+    assert mean_line.startswith("| mean (AUC over 2 of 2) |") and f"{mean_auc:.4f}" in mean_line
+    assert "n/a" not in mean_line  # the counts are not averaged: their cells stay empty
+    assert "fx / fam1" in (out / "report.md").read_text()
     meta = report["meta"]
     assert (
         meta["seed"] == 0 and meta["parity"] is False and meta["config"]["model"]["backbone"] == "tiny-clip"

@@ -203,3 +203,19 @@ def test_mean_over_datasets_ignores_none():
     assert mean["video"]["eer"] == pytest.approx(both["video"]["eer"])
     only_one_class = mean_over_datasets({"B": one_class})
     assert only_one_class["video"]["auc"] is None and only_one_class["video"]["n_contributing"]["auc"] == 0
+
+
+def test_family_metrics_pit_each_family_against_all_reals():
+    from masm.evaluation.metrics import family_metrics
+
+    rng = np.random.default_rng(5)
+    labels = np.array([0] * 6 + [1] * 6)
+    scores = rng.random(12)
+    videos = [f"v{i // 2}" for i in range(12)]
+    families = [None] * 6 + ["a", "a", "b", "b", "b", "b"]
+    result = family_metrics(videos, labels, scores, families)
+    assert list(result) == ["a", "b"]
+    for family, rows in (("a", list(range(8))), ("b", list(range(6)) + list(range(8, 12)))):
+        assert result[family]["frame"]["auc"] == pytest.approx(roc_auc_score(labels[rows], scores[rows]))
+        assert result[family]["video"]["n_fake"] == (1 if family == "a" else 2)
+    assert family_metrics(videos, labels, scores, [None] * 12) == {}

@@ -197,3 +197,21 @@ def test_plot_roc_handles_one_class(tmp_path):
         {"two": ([0, 1, 0, 1], [0.1, 0.8, 0.4, 0.3]), "one": ([1, 1], [0.2, 0.9])}, tmp_path / "r.png"
     )
     assert out.stat().st_size > 1000
+
+
+def test_family_rows_and_a_mean_row_that_averages_only_what_it_averages(tmp_path):
+    rows = _predictions(4, 8)
+    paths, videos, labels, scores = zip(*rows)
+    families = [("gan" if int(v[-1]) % 4 == 1 else "swap") if y else None for v, y in zip(videos, labels)]
+    result = evaluate_scores(paths, videos, labels, scores, families=families)
+    assert set(result["families"]) == {"gan", "swap"}
+    gan = result["families"]["gan"]["frame"]
+    assert (gan["n_real"], gan["n_fake"]) == (result["frame"]["n_real"], 8)
+    write_eval_report(tmp_path, {"X": result}, {"X": rows}, {"seed": 0})
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("| X / gan |") == 2 and text.count("| X / swap |") == 2
+    frame_table = text.split("## Frame level")[1].split("## Video level")[0]
+    mean = next(line for line in frame_table.splitlines() if line.startswith("| mean"))
+    total = next(line for line in frame_table.splitlines() if line.startswith("| total"))
+    assert mean.endswith("|  |  |  |  |  |") and "n/a" not in mean  # ACC real/fake and counts: not averaged
+    assert total.endswith(f"| {result['frame']['n_real']} | {result['frame']['n_fake']} | 0 |")

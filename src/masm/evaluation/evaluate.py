@@ -151,7 +151,12 @@ def metrics_for(
     kept = [r for r, good in zip(records, ok) if good]
     rows = [(r.path, r.video, int(r.label), float(s)) for r, s in zip(kept, scores[ok])]
     result = evaluate_scores(
-        [r.path for r in kept], [r.video for r in kept], [r.label for r in kept], scores[ok], skipped=failed
+        [r.path for r in kept],
+        [r.video for r in kept],
+        [r.label for r in kept],
+        scores[ok],
+        skipped=failed,
+        families=[r.family for r in kept],
     )
     return result, rows
 
@@ -339,13 +344,23 @@ def undefined_metric_notes(result: Mapping[str, Any]) -> list[str]:
 
 
 def summary_table(result: Mapping[str, Any]) -> str:
-    """A Markdown table of frame and video AUC per test set and their mean (for the terminal)."""
-    from .report import format_table
+    """A Markdown table of frame and video AUC per test set, per forgery family and their mean (terminal).
 
-    rows = [
-        [name, r["frame"]["auc"], r["video"]["auc"], r["frame"]["n_real"], r["frame"]["n_fake"]]
-        for name, r in result["datasets"].items()
-    ]
+    Below each test set's pooled row, one row per family of its fakes: that family against all the set's
+    reals. The mean row averages the test sets' pooled AUCs only, and says over how many.
+    """
+    from .report import format_table, mean_label
+
+    rows = []
+    for name, r in result["datasets"].items():
+        rows.append([name, r["frame"]["auc"], r["video"]["auc"], r["frame"]["n_real"], r["frame"]["n_fake"]])
+        for family, f in r.get("families", {}).items():
+            rows.append(
+                [f"{name} / {family}", f["frame"]["auc"], f["video"]["auc"], "", f["frame"]["n_fake"]]
+            )
     mean = result["mean"]
-    rows.append(["mean", mean["frame"]["auc"], mean["video"]["auc"], None, None])
-    return format_table(rows, ["Dataset", "frame AUC", "video AUC", "real frames", "fake frames"])
+    rows.append([mean_label(mean, "frame"), mean["frame"]["auc"], mean["video"]["auc"], "", ""])
+    table = format_table(rows, ["Dataset", "frame AUC", "video AUC", "real frames", "fake frames"])
+    if any(r.get("families") for r in result["datasets"].values()):
+        table += "DATASET / FAMILY rows: that family's fakes against all of the test set's reals.\n"
+    return table

@@ -186,6 +186,31 @@ def _skipped_pair(entry: Any) -> tuple[str, str]:
     raise MasmError(f"a skipped sample must be (path, reason) or {{'path', 'reason'}}, got {entry!r}")
 
 
+def family_metrics(
+    videos: Sequence[str], labels: Any, scores: Any, families: Sequence[str | None], threshold: float = 0.5
+) -> dict[str, dict]:
+    """Per forgery family, that family's fakes against every real of the test set, frame and video level.
+
+    Returns ``{family: {"frame": binary_metrics, "video": binary_metrics}}`` in sorted order of the
+    families the fakes carry (``{}`` when none carries one; fakes without a family count in the pooled
+    numbers only). A real's family, if any, is ignored: every real takes part in every family's numbers.
+    """
+    y, s = _as_arrays(labels, scores)
+    names = np.asarray([str(f) if f is not None else "" for f in families], dtype=object)
+    if names.size != y.size:
+        raise MasmError(f"families and labels differ in length: {names.size} families, {y.size} labels")
+    keys = [str(v) for v in videos]
+    result: dict[str, dict] = {}
+    for family in sorted({str(f) for f in names[y == 1] if f}):
+        rows = np.flatnonzero((y == 0) | ((y == 1) & (names == family)))
+        _, v_labels, v_scores = video_scores([keys[i] for i in rows], y[rows], s[rows])
+        result[family] = {
+            "frame": binary_metrics(y[rows], s[rows], threshold, unit="frames"),
+            "video": binary_metrics(v_labels, v_scores, threshold, unit="videos"),
+        }
+    return result
+
+
 def evaluate_scores(
     paths: Sequence[str],
     videos: Sequence[str],
@@ -193,12 +218,14 @@ def evaluate_scores(
     scores: Any,
     skipped: Any = None,
     threshold: float = 0.5,
+    families: Sequence[str | None] | None = None,
 ) -> dict:
     """Frame- and video-level metrics of one test set.
 
     Returns ``{"frame": binary_metrics(frames), "video": binary_metrics(videos) + {"n_videos",
     "n_videos_real", "n_videos_fake"}, "skipped": summarize_skipped(skipped)}``. Video scores are mean frame
-    scores per video key (see :func:`video_scores`).
+    scores per video key (see :func:`video_scores`). With ``families`` (one per frame) whose fakes carry
+    a family, also ``"families": family_metrics(...)``: each family's fakes against all reals.
     """
     skipped_summary = summarize_skipped(skipped)
     n_scores = np.size(scores)
@@ -213,7 +240,14 @@ def evaluate_scores(
     _, v_labels, v_scores = video_scores(videos, labels, scores)
     video = binary_metrics(v_labels, v_scores, threshold, unit="videos")
     video.update(n_videos=video["n"], n_videos_real=video["n_real"], n_videos_fake=video["n_fake"])
-    return {"frame": frame, "video": video, "skipped": skipped_summary}
+    result = {"frame": frame, "video": video, "skipped": skipped_summary}
+    if families is not None:
+        if len(families) != n_scores:
+            raise MasmError(f"families must have one entry per frame; got {len(families)} for {n_scores}")
+        per_family = family_metrics(videos, labels, scores, families, threshold)
+        if per_family:
+            result["families"] = per_family
+    return result
 
 
 def mean_over_datasets(reports: Mapping[str, Mapping]) -> dict:

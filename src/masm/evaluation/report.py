@@ -86,8 +86,8 @@ def write_eval_report(
 
     ``datasets`` maps each test set to its :func:`~masm.evaluation.metrics.evaluate_scores` result;
     ``predictions`` maps it to ``(path, video, label, score)`` per scored frame (for the CSV and the ROC
-    curves). report.json is ``{"meta": meta, "datasets": {name: {"frame", "video", "skipped"}}, "mean":
-    mean_over_datasets(datasets)}``. ``meta["parity"]`` true adds the parity-mode notice to report.md.
+    curves). report.json is ``{"meta": meta, "datasets": {name: {"frame", "video", "skipped"[, "families"]}},
+    "mean": mean_over_datasets(datasets)}``. ``meta["parity"]`` true adds the parity-mode notice to report.md.
     ``examples`` (:func:`masm.explain.examples.write_example_sheets`' result) adds ``"examples"`` to
     report.json and the sheets to report.md.
     """
@@ -144,6 +144,11 @@ def _eval_markdown(report: Mapping[str, Any]) -> str:
     if meta_lines:
         parts.append("\n".join(meta_lines) + "\n")
     parts.append("## Frame level\n")
+    if any(result.get("families") for result in datasets.values()):
+        parts.append(
+            "Rows DATASET / FAMILY: the fakes of that forgery family against all of the test set's reals "
+            "(their real count is the test set's). The mean row averages the test sets' own rows only.\n"
+        )
     parts.append(_level_table(datasets, mean, "frame", "frames"))
     parts.append("## Video level (mean frame score per video)\n")
     parts.append(_level_table(datasets, mean, "video", "videos"))
@@ -163,39 +168,43 @@ def _eval_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def mean_label(mean: Mapping, level: str) -> str:
+    """The mean row's name: what it averages, e.g. "mean (AUC over 2 of 2)" (one-class sets have no AUC)."""
+    return f"mean (AUC over {mean[level]['n_contributing']['auc']} of {mean['n_datasets']})"
+
+
 def _level_table(datasets: Mapping[str, Mapping], mean: Mapping, level: str, unit: str) -> str:
+    """Per test set its pooled row, then a row per family of its fakes (that family against all reals);
+    the mean row averages the pooled rows' AUC, AP, EER and ACC only, the total row adds up their counts."""
     headers = ["Dataset", "AUC", "AP", "EER", "ACC", "ACC real", "ACC fake", f"Real {unit}", f"Fake {unit}"]
     if level == "frame":
         headers.append("Skipped")
     rows = []
     for name, result in datasets.items():
-        m = result[level]
-        row = [
-            name,
-            m["auc"],
-            m["ap"],
-            m["eer"],
-            m["acc"],
-            m["acc_real"],
-            m["acc_fake"],
-            m["n_real"],
-            m["n_fake"],
-        ]
+        row = [name, *_metric_cells(result[level])]
         if level == "frame":
             row.append(result.get("skipped", {}).get("count", 0))
         rows.append(row)
+        for family, family_result in result.get("families", {}).items():
+            cells = _metric_cells(family_result[level])
+            cells[-2] = ""  # the reals are the test set's, counted in its row
+            rows.append([f"{name} / {family}", *cells] + ([""] if level == "frame" else []))
     means = mean[level]
-    counts = means["n_contributing"]
-    label = f"mean (AUC over {counts['auc']} of {mean['n_datasets']})"
-    row = [label, means["auc"], means["ap"], means["eer"], means["acc"], None, None]
-    row += [
+    row = [mean_label(mean, level), means["auc"], means["ap"], means["eer"], means["acc"], "", "", "", ""]
+    total = ["total", "", "", "", "", "", ""]
+    total += [
         sum(r[level]["n_real"] for r in datasets.values()),
         sum(r[level]["n_fake"] for r in datasets.values()),
     ]
     if level == "frame":
-        row.append(sum(r.get("skipped", {}).get("count", 0) for r in datasets.values()))
-    rows.append(row)
+        row.append("")
+        total.append(sum(r.get("skipped", {}).get("count", 0) for r in datasets.values()))
+    rows += [row, total]
     return format_table(rows, headers)
+
+
+def _metric_cells(m: Mapping) -> list:
+    return [m["auc"], m["ap"], m["eer"], m["acc"], m["acc_real"], m["acc_fake"], m["n_real"], m["n_fake"]]
 
 
 def _notes(datasets: Mapping[str, Mapping]) -> list[str]:
