@@ -1,6 +1,7 @@
 # Entry points for a fresh machine that has only Python and pip:
 #   make demo   installs masm into .venv and runs the offline end-to-end demo
-#   make test   installs masm with its test extras into .venv and runs the test suite
+#   make test   installs masm with its test extras into .venv, then lint, the docs build and the test suite
+#   make docs   builds the documentation site into site/ (warnings are errors)
 #   make gpu-check  (on a GPU machine) checks the CUDA path and writes benchmarks/results/gpu_check.json
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 # local disk on our machines, while a bare `torch` requirement would pull a several-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean gpu-check
+.PHONY: install demo test docs lint format clean gpu-check
 
 $(BIN)/masm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,12 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest
+
+# The site under site/: the CLI and config references are generated from the code at build time.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # On a GPU machine (with a CUDA torch in .venv): bf16 vs fp32 steps on ViT-L/14 shapes, torchrun with NCCL
 # through masm train, and masm bench speed --device cuda; <= 8 minutes, report in benchmarks/results/.
@@ -41,4 +47,4 @@ format: install
 	$(BIN)/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site
