@@ -127,6 +127,8 @@ def cli_reference() -> str:
 
 
 def _format_value(value: object) -> str:
+    if value == "":
+        return '""'
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -205,14 +207,15 @@ def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def method_presets() -> str:
-    """Each method preset as the keys it sets under ``model.method`` (all else: the defaults above)."""
-    from masm.models.methods import METHODS
+    """Each method preset as the keys it changes under ``model.method`` (all else: the defaults above)."""
+    from masm.config import to_dict
+    from masm.models.methods import METHODS, MethodConfig
 
-    lines = ["| `model.method.name` | what the preset sets under `model.method` |", "| --- | --- |"]
+    defaults = dict(_flatten(to_dict(MethodConfig())))
+    lines = ["| `model.method.name` | what the preset changes under `model.method` |", "| --- | --- |"]
     for name, overlay in METHODS.items():
-        keys = (
-            ", ".join(f"`{k}: {_format_value(v)}`" for k, v in _flatten(overlay)) or "nothing: the defaults"
-        )
+        changed = [(k, v) for k, v in _flatten(overlay) if defaults.get(k, object()) != v]
+        keys = ", ".join(f"`{k}: {_format_value(v)}`" for k, v in changed) or "nothing: the defaults"
         lines.append(f"| `{name}` | {_cell(keys)} |")
     return "\n".join(lines)
 
