@@ -9,15 +9,19 @@ def register(subparsers) -> None:
         help="export a checkpoint as merged weights or ONNX",
         description=(
             "merged: a checkpoint directory of plain backbone weights (adapters folded in) and the head, "
-            "loadable by `masm detect` without the MASM code path. onnx: the merged detector as ONNX "
-            "(input pixel_values N x 3 x S x S float32, dynamic batch; output logits N x 2), checked against "
-            "PyTorch with onnxruntime, with its preprocessing in <name>.preprocessing.json beside it."
+            "which masm detect and masm eval read like any checkpoint. onnx: the detector as one ONNX "
+            "file that takes the image as it is (uint8 RGB, N x H x W x 3, any size) and does the resize, "
+            "centre crop and normalisation itself, exactly as masm detect does; outputs logits (N x 2) "
+            "and score (N, P(fake)). Its preprocessing is also in the model's metadata and beside it in "
+            "NAME.preprocessing.json. The export is checked against masm detect's scores with "
+            "onnxruntime. Faces are not detected in the graph: for a face model, give it aligned face "
+            "crops (masm preprocess)."
         ),
     )
     parser.add_argument("checkpoint", help="checkpoint directory")
     parser.add_argument("--format", required=True, choices=("merged", "onnx"), help="what to write")
     parser.add_argument("--out", required=True, help="output directory (merged) or .onnx file (onnx)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     parser.set_defaults(func=run)
 
 
@@ -32,6 +36,10 @@ def run(args) -> int:
         return 0
     report = export_onnx(args.checkpoint, args.out, opset=args.opset or DEFAULT_OPSET)
     diff = report["max_abs_diff"]
-    check = "not verified (onnxruntime not installed)" if diff is None else f"max |logit diff| {diff:.2e}"
+    check = (
+        "not verified (onnxruntime not installed)"
+        if diff is None
+        else f"scores within {diff:.1e} of masm detect's"
+    )
     print(f"wrote {report['onnx']} (opset {report['opset']}, {check}) and {report['preprocessing']}")
     return 0
