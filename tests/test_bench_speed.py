@@ -26,7 +26,7 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
             "--warmup",
             "0",
             "--methods",
-            "masm,effort-reference,full,frozen-floor,masm-path-only",
+            "masm,fmsd,effort-reference,full,frozen-floor,masm-path-only",
             "--out",
             str(out),
         ]
@@ -43,6 +43,7 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
         "path_only_vs_floor_step",
         "path_only_vs_effort_step",
         "masm_vs_floor_ops",
+        "fmsd_vs_masm_step",
     ):
         assert math.isfinite(results["ratios"][key]) and results["ratios"][key] > 0, key
     assert set(results["targets_met"]) == {

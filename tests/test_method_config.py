@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from masm.errors import ConfigError, SettingsError
-from masm.method import MaskConfig, MASMConfig
+from masm.method import MaskConfig, MASMConfig, SelectConfig
 from masm.models import METHODS
 from masm.models.methods import method_config
 from masm.training import load_train_config
@@ -18,7 +18,7 @@ from masm.training import load_train_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("cls", [MASMConfig, MaskConfig])
+@pytest.mark.parametrize("cls", [MASMConfig, MaskConfig, SelectConfig])
 def test_every_field_has_help(cls):
     assert all(f.metadata.get("help") for f in dataclasses.fields(cls))
 

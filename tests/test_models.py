@@ -42,7 +42,7 @@ def test_missing_hub_weights_say_how_to_get_them(monkeypatch):
 
 
 def test_method_presets_and_overrides():
-    assert set(METHODS) == {"masm", "effort", "effort-reg", "lora", "full", "linear", "ln-tune"}
+    assert set(METHODS) == {"masm", "fmsd", "effort", "effort-reg", "lora", "full", "linear", "ln-tune"}
     effort = method_config("effort")
     assert (effort.masm.num_subspaces, effort.masm.subspace_rank, effort.masm.mask.enabled) == (1, 1, False)
     custom = method_config("masm", {"masm": {"num_subspaces": 2, "mask": {"interval": 10}}})

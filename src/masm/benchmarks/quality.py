@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-METHODS = ["masm", "effort", "effort-reg", "lora", "full", "linear", "ln-tune"]
+METHODS = ["masm", "fmsd", "effort", "effort-reg", "lora", "full", "linear", "ln-tune"]
 
 
 def _masm(**masm) -> dict:
@@ -28,6 +28,9 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "masm no L_orth": ("masm", _masm(lambda_orth=0.0)),
     "masm no L_spec": ("masm", _masm(lambda_spec=0.0)),
     "masm no mask": ("masm", _masm(mask={"enabled": False})),
+    # FMSD's fraction of layers adapted (default 0.5)
+    "fmsd fraction=0.25": ("fmsd", _masm(select={"fraction": 0.25})),
+    "fmsd fraction=0.75": ("fmsd", _masm(select={"fraction": 0.75})),
 }
 # Further ablations, run with --more-ablations (each costs as much as a method).
 MORE_ABLATIONS: dict[str, tuple[str, dict]] = {
@@ -67,6 +70,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--no-ablations", action="store_true", help="skip the MASM ablations")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only these rows: comma-separated row labels (e.g. 'fmsd fraction=0.25'), a method name "
+        "standing for its own row and its ablations (default: every row)",
+    )
     parser.add_argument("--more-ablations", action="store_true", help="also K, m and mask-rule ablations")
     parser.add_argument(
         "--train-families",
@@ -102,6 +111,7 @@ def run(args) -> int:
         plan += [(name, method, overrides) for name, (method, overrides) in ABLATIONS.items()]
         if args.more_ablations:
             plan += [(name, method, overrides) for name, (method, overrides) in MORE_ABLATIONS.items()]
+    plan = only_rows(plan, args.only)
     jobs = [
         (label, method, overrides, seed, args.out / "runs" / _slug(label) / f"seed{seed}")
         for label, method, overrides in plan
@@ -139,6 +149,21 @@ def run(args) -> int:
     print(table)
     print(f"wrote {args.out / 'quality.md'} and {args.out / 'quality.json'}")
     return 0
+
+
+def only_rows(plan: list[tuple[str, str, dict]], only: str) -> list[tuple[str, str, dict]]:
+    """The rows of ``plan`` that ``only`` names (all of them when it is empty): by label, or by method (its
+    row and its ablations). A name that matches no row is an error listing the rows."""
+    from ..errors import MasmError
+
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    if not wanted:
+        return plan
+    unmatched = [w for w in wanted if not any(w in (label, method) for label, method, _ in plan)]
+    if unmatched:
+        rows = ", ".join(label for label, _, _ in plan)
+        raise MasmError(f"--only {unmatched[0]!r} matches no row of this run; rows: {rows}")
+    return [row for row in plan if row[0] in wanted or row[1] in wanted]
 
 
 def _slug(label: str) -> str:
@@ -231,4 +256,5 @@ def _argv(args) -> list[str]:
         ]
         + (["--no-ablations"] if args.no_ablations else [])
         + (["--more-ablations"] if args.more_ablations else [])
+        + ([f"--only '{args.only}'"] if args.only else [])
     )

@@ -9,6 +9,12 @@ is what the trainer does: forward, the method's full loss (MASM's regularisers i
 selective mask and semantic guard around Adam (the trainer's multi-tensor Adam). Compared:
 
 * ``masm``: K=4, m=4 subspaces on the attention projections, low-rank forward;
+* ``fmsd``: MASM on the fraction ``select.fraction`` (default 0.5) of the attention projections that FMSD
+  adapts, the mask's subspace balance on. Its selection phase runs once before training and is not part of
+  a step, so here the layers are fixed instead of selected: spread evenly over the targets in model order,
+  the first one included, so that backward runs down to the first block as it does for ``masm``. A real
+  selection that skips the early blocks makes a step cheaper still (backward stops at the lowest adapted
+  layer); this row measures only the saving of adapting fewer layers;
 * ``effort-reference``: Effort's reference formula, ``W_main + U diag(S) Vᵀ`` rebuilt every forward
   (:mod:`masm.benchmarks.effort_reference`);
 * ``effort``: the same Effort model (K=1, m=1) on MASM's low-rank code path;
@@ -40,7 +46,16 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-TRAIN_METHODS = ["masm", "effort-reference", "effort", "lora", "full", "frozen-floor", "masm-path-only"]
+TRAIN_METHODS = [
+    "masm",
+    "fmsd",
+    "effort-reference",
+    "effort",
+    "lora",
+    "full",
+    "frozen-floor",
+    "masm-path-only",
+]
 
 
 @dataclass
@@ -129,6 +144,8 @@ def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METH
                 ratios[key] = step_ratio("masm", other)
         if "masm-path-only" in train and "effort-reference" in train:
             ratios["path_only_vs_effort_step"] = step_ratio("masm-path-only", "effort-reference")
+        if "fmsd" in train:
+            ratios["fmsd_vs_masm_step"] = step_ratio("fmsd", "masm")
         if "frozen-floor" in train:
             ratios["masm_vs_floor_step"] = step_ratio("masm", "frozen-floor")
             if "masm-path-only" in train:
@@ -242,6 +259,15 @@ def _build(method: str, settings: SpeedSettings):
         bare = {"semantic_guard": "off", "lambda_orth": 0.0, "lambda_spec": 0.0, "mask": {"enabled": False}}
         detector = create_detector(settings.backbone, method_config("masm", {"masm": bare}))
         return detector, detector.config.method.masm_config
+    if method == "fmsd":
+        from ..models.methods import method_config
+
+        plain = create_detector(settings.backbone, "linear")
+        config = method_config("fmsd")
+        names = [n for n, _ in find_targets(plain.backbone, plain.config.method.masm.target_modules)]
+        config.masm.select.layers = spread_evenly(names, config.masm.select.fraction)
+        detector = create_detector(settings.backbone, config)
+        return detector, detector.config.method.masm_config
     if method == "frozen-floor":
         detector = create_detector(settings.backbone, "linear")
         for _, linear in find_targets(detector.backbone, detector.family.attention_targets):
@@ -250,6 +276,14 @@ def _build(method: str, settings: SpeedSettings):
         return detector, None
     detector = create_detector(settings.backbone, method)
     return detector, detector.config.method.masm_config
+
+
+def spread_evenly(names: list[str], fraction: float) -> list[str]:
+    """``ceil(fraction · L)`` of ``names`` (at least one) at even spacing, the first one included."""
+    import math
+
+    keep = max(1, math.ceil(fraction * len(names)))
+    return [names[i * len(names) // keep] for i in range(keep)]
 
 
 class _TrainingStep:

@@ -10,7 +10,7 @@ from .apply import (
     reproject_guarded,
     subspace_update,
 )
-from .config import MaskConfig, MASMConfig
+from .config import MaskConfig, MASMConfig, SelectConfig
 from .groups import LayerGroup, layer_groups
 from .layer import MASMLinear
 from .losses import regularizers, total_loss
@@ -21,6 +21,7 @@ __all__ = [
     "MASMConfig",
     "MASMLinear",
     "MaskConfig",
+    "SelectConfig",
     "SelectiveMaskController",
     "apply_masm",
     "count_masm_parameters",

@@ -37,11 +37,13 @@ def apply_masm(model: nn.Module, config: MASMConfig | None = None, cache_dir: Pa
     """Replace the targeted Linears of ``model`` in place by :class:`MASMLinear` and freeze the rest.
 
     Afterwards only the artifact subspaces (``U_k``, ``s_k``, ``V_k``) require gradients. Returns ``model``.
+    With ``config.select.layers`` set (FMSD's selection) only those targets are adapted; the other targets
+    stay plain, frozen ``nn.Linear`` layers.
     ``cache_dir`` is where SVDs are cached (``None``: ``$MASM_CACHE_DIR`` or ``~/.cache/masm``; ``False``:
     no disk cache).
     """
     config = config or MASMConfig()
-    targets = find_targets(model, config.target_modules)
+    targets = selected_targets(find_targets(model, config.target_modules), config.select.layers)
     for param in model.parameters():
         param.requires_grad_(False)
     for name, linear in targets:
@@ -54,6 +56,23 @@ def apply_masm(model: nn.Module, config: MASMConfig | None = None, cache_dir: Pa
         config.subspace_rank,
     )
     return model
+
+
+def selected_targets(
+    targets: list[tuple[str, nn.Linear]], layers: list[str] | None
+) -> list[tuple[str, nn.Linear]]:
+    """The targets named in ``layers`` (all of them when ``layers`` is None), in model order."""
+    if layers is None:
+        return targets
+    names = {name for name, _ in targets}
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        raise ConfigError(
+            f"select.layers names {unknown[0]!r}, which is not a targeted Linear; targets: "
+            f"{', '.join(name for name, _ in targets[:6])}"
+        )
+    chosen = set(layers)
+    return [(name, linear) for name, linear in targets if name in chosen]
 
 
 def merge_masm(model: nn.Module) -> nn.Module:
@@ -126,7 +145,8 @@ def count_masm_parameters(model: nn.Module, config: MASMConfig) -> int:
 
     Works on a model built on the ``meta`` device, so the count of ViT-L/14 needs no weights.
     """
-    per_rank = sum(m.out_features + m.in_features + 1 for _, m in find_targets(model, config.target_modules))
+    targets = selected_targets(find_targets(model, config.target_modules), config.select.layers)
+    per_rank = sum(m.out_features + m.in_features + 1 for _, m in targets)
     return config.artifact_rank * per_rank
 
 

@@ -51,6 +51,45 @@ class MaskConfig:
 
 
 @dataclass
+class SelectConfig:
+    """FMSD's forgery-aware layer selection: which targeted layers are decomposed and adapted at all.
+
+    Before training, ``steps`` batches measure the signal-to-noise ratio of every targeted layer's weight
+    gradient (the mask's learning state, method.md §4, on the full weight) and keep the top ``fraction``;
+    only those become MASM layers, the others stay plain frozen Linears. The selection is part of training
+    (:mod:`masm.training.layer_selection`); a detector built outside it with ``layers`` unset (e.g.
+    ``create_detector(name, "fmsd")``) adapts every target.
+    """
+
+    enabled: bool = field(
+        default=False,
+        metadata={"help": "select the layers to adapt before training (FMSD); false: adapt every target"},
+    )
+    steps: int = field(
+        default=50, metadata={"help": "training batches whose weight gradients score the layers"}
+    )
+    fraction: float = field(
+        default=0.5, metadata={"help": "fraction of the targeted layers kept (at least one)"}
+    )
+    layers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "the adapted layers' module names, filled in by the selection (null: not selected yet; "
+            "when set, only these targets are adapted and no selection runs)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # One batch has no spread: its variance term is 0 and every layer would score 1.
+        if self.steps < 2:
+            raise ConfigError(f"select.steps must be >= 2 (the variance needs two batches), got {self.steps}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"select.fraction must be in (0, 1], got {self.fraction}")
+        if self.layers is not None and not self.layers:
+            raise ConfigError("select.layers is empty: name at least one layer, or null to select them")
+
+
+@dataclass
 class MASMConfig:
     """Multi-artifact subspace adaptation of the Linear layers whose names match ``target_modules``.
 
@@ -96,6 +135,10 @@ class MASMConfig:
         metadata={"help": "artifact: keep each subspace's singular values; energy: keep ||W||_F (Effort)"},
     )
     mask: MaskConfig = field(default_factory=MaskConfig, metadata={"help": "selective layer mask"})
+    select: SelectConfig = field(
+        default_factory=SelectConfig,
+        metadata={"help": "FMSD: choose the layers to adapt from their gradients before training"},
+    )
 
     def __post_init__(self) -> None:
         if self.num_subspaces < 1 or self.subspace_rank < 1:
@@ -106,6 +149,10 @@ class MASMConfig:
             from ..config import from_dict
 
             self.mask = from_dict(MaskConfig, self.mask, "mask")
+        if isinstance(self.select, dict):
+            from ..config import from_dict
+
+            self.select = from_dict(SelectConfig, self.select, "select")
         for name in ("lambda_orth", "lambda_spec", "lambda_guard"):
             if getattr(self, name) < 0:  # a negative weight would reward what the term penalises
                 raise SettingsError([name], f"a loss weight must be >= 0, got {getattr(self, name)}")

@@ -112,7 +112,7 @@ def create_detector(
 
     ``backbone`` is a registry name, a hub id, a local ``save_pretrained`` directory of a supported family,
     or a masm checkpoint directory (its merged backbone, preprocessing and head are the starting point).
-    ``method`` is a preset name (``masm``, ``effort``, ``effort-reg``, ``lora``, ``full``, ``linear``,
+    ``method`` is a preset name (``masm``, ``fmsd``, ``effort``, ``effort-reg``, ``lora``, ``full``, ``linear``,
     ``ln-tune``) or a :class:`MethodConfig`. ``seed`` makes the head's initialisation reproducible.
     """
     return build_detector(

@@ -1,6 +1,7 @@
 """Fine-tuning methods as configurations of one code path.
 
-``masm`` and its special cases ``effort`` / ``effort-reg`` use :class:`~masm.method.MASMLinear`; ``lora``
+``masm``, ``fmsd`` (MASM on layers selected before training) and the special cases ``effort`` /
+``effort-reg`` use :class:`~masm.method.MASMLinear`; ``lora``
 uses the ``peft`` library on the same target layers; ``full`` trains every backbone weight; ``linear``
 trains the head only; ``ln-tune`` (GenD, WACV 2026) trains the LayerNorms and the head, on the
 L2-normalised pooled feature. The trainer never branches on the method: it asks :func:`apply_method` to prepare the
@@ -107,6 +108,9 @@ METHODS: dict[str, dict[str, Any]] = {
             "mask": _NO_MASK,
         },
     },
+    # FMSD (the paper's later version): the layers to adapt are chosen from their gradients' bias and
+    # variance before training; the mask then only balances the subspaces inside the chosen layers.
+    "fmsd": {"masm": {"select": {"enabled": True}, "mask": {"layer_selection": False}}},
     "lora": {"adapter": "lora"},
     "full": {"adapter": "full"},
     "linear": {"adapter": "linear"},

@@ -29,7 +29,18 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "changes.jsonl"
 #: What a run writes into its folder (``--overwrite`` removes these and nothing else).
-RUN_ARTIFACTS = (CONFIG_FILE, "metrics.jsonl", "masks.jsonl", CHANGES_FILE, "checkpoints", "eval", "data")
+RUN_ARTIFACTS = (
+    CONFIG_FILE,
+    "metrics.jsonl",
+    "masks.jsonl",
+    "select.png",
+    CHANGES_FILE,
+    "checkpoints",
+    "eval",
+    "data",
+)
+#: Filled in when the run started (FMSD's layer selection), as ``model.preprocessing`` is from the backbone.
+SELECTED_LAYERS = "model.method.masm.select.layers"
 #: Keys a resume may change without being told: the run's length, its logging, and settings that cannot
 #: change what it computes (samples are seeded per index, so the worker count does not matter).
 RESUMABLE_KEYS = frozenset({"epochs", "max_steps", "log_every", "dist_timeout_s", "data.num_workers"})
@@ -76,6 +87,9 @@ def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[tuple[st
     if wanted.model.preprocessing is None:  # resolved from the backbone when the run started
         a = {k: v for k, v in a.items() if not k.startswith("model.preprocessing")}
         b = {k: v for k, v in b.items() if not k.startswith("model.preprocessing")}
+    if wanted.model.method.masm.select.layers is None:  # chosen when the run started
+        a.pop(SELECTED_LAYERS, None)
+        b.pop(SELECTED_LAYERS, None)
     return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
@@ -97,6 +111,8 @@ def resume_config(out: Path, config: TrainConfig, allow_changes: bool):
         )
     if config.model.preprocessing is None:
         config.model.preprocessing = saved.model.preprocessing
+    if config.model.method.masm.select.layers is None:  # the layers the run selected: no second selection
+        config.model.method.masm.select.layers = saved.model.method.masm.select.layers
     return config, changes
 
 

@@ -10,8 +10,10 @@ in ``out_dir``::
 
     config.yaml             the resolved TrainConfig (trains again as it is)
     changes.jsonl           config changes a resume was allowed to make (``--resume-changed``)
-    metrics.jsonl           one record per log step (loss terms, lr, failed samples) and per validation
+    metrics.jsonl           one record per log step (loss terms, lr, failed samples) and per validation;
+                            FMSD's layer selection (kind "select") first
     masks.jsonl             the mask controller's log (ρ and mask per interval)
+    select.png              FMSD's layer selection: every targeted layer's score, the chosen ones marked
     data/*.jsonl            in-memory data the run was given, as ``frames:`` specs the config points to
     checkpoints/last/       model + optimizer + mask + RNG state + data position (resumable)
     checkpoints/best/       the model with the best validation frame AUC
@@ -44,6 +46,7 @@ from .checkpoints import RunCheckpoints, truncate_jsonl
 from .config import TrainConfig, config_to_dict
 from .data import DataArg, RunData, build_train_loader, open_run_data, record_in_memory_data
 from .failures import FailureLedger
+from .layer_selection import needs_selection, select_layers
 from .loop import fit
 from .optim import optimizer_for
 from .state import Progress, seed_everything
@@ -105,6 +108,8 @@ class Run:
     def _build(self) -> None:
         cfg, env = self.config, self.env
         configure_matmul_precision(env.device, cfg.tf32)
+        if needs_selection(cfg):  # FMSD: choose the layers to adapt first (a resumed run has them)
+            select_layers(cfg, self.data.train.records, env, self.log, self.out if env.is_main else None)
         with dist_utils.local_main_first(env):  # one SVD per weight per machine, then read from the cache
             self.detector: Detector = create_detector(
                 cfg.model.backbone, cfg.model.method, preprocessing=cfg.model.preprocessing, seed=cfg.seed
@@ -163,9 +168,9 @@ class Run:
         """Continue from ``last`` (recovered from ``found``); from step 0 when the run has none yet."""
         if found is None:
             logger.info("%s has no checkpoint yet: starting the run from its first step", self.out)
-            if self.env.is_main:
-                for name in ("metrics.jsonl", "masks.jsonl"):
-                    (self.out / name).unlink(missing_ok=True)
+            if self.env.is_main:  # the layer selection, made when the run started, is not made again
+                truncate_jsonl(self.metrics_path, lambda r: r.get("kind") == "select")
+                (self.out / "masks.jsonl").unlink(missing_ok=True)
             return
         restored = self.checkpoints.restore(
             self.detector, self.optimizer, self.controller, self.env.world_size, self.config.data.batch_size
@@ -259,6 +264,7 @@ def _dump_state_hash(run: Run) -> None:
         "world_size": run.env.world_size,
         "params": parameter_hash(run.detector),
         "mask": run.controller.mask.int().tolist() if run.controller is not None else None,
+        "selected_layers": run.config.model.method.masm.select.layers,
         "global_step": run.progress.global_step,
     }
     (Path(folder) / f"rank{run.env.rank}.json").write_text(json.dumps(record))
