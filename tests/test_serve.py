@@ -385,7 +385,7 @@ def test_load_concurrent_clients_batch_and_beat_one_at_a_time(server):
     with httpx.Client(base_url=server) as c:
         health = c.get("/health").json()
     assert health["largest_batch"] > 1  # requests that arrived together shared a forward pass
-    # Batching must pay; the README's bench gives the number, this only guards against losing it.
+    # Batching must pay; masm bench serve (docs/benchmarks.md) gives the number, this only guards against losing it.
     assert ratio > 1.15, (single, concurrent)
 
 

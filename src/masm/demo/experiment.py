@@ -8,7 +8,7 @@ written by the same generator (:mod:`masm.data.synth`):
 * ``indist``: new crops of the training photos, training families (the in-distribution test);
 * ``heldout``: the same real test crops with fakes of the held-out families, never seen in training;
 * ``unseen``: crops of photos never seen in pretraining or training, every family (``masm eval`` on it
-  is the README's "forgeries it never saw, made from photos it never saw").
+  is the demo's "forgeries it never saw, made from photos it never saw" in docs/benchmarks.md).
 
 Every real and fake image goes through the same global post-processing (colour jitter, JPEG quality), so
 only the local manipulation separates them. Every method runs through the same trainer

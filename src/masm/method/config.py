@@ -124,7 +124,7 @@ class MASMConfig:
         },
     )
     guard_rank: float = field(
-        default=0.25,  # chosen on `masm bench quality` (README): 0.5 learned more slowly, 0.1 no better
+        default=0.25,  # chosen on `masm bench quality` (docs/benchmarks.md): 0.5 learned more slowly, 0.1 no better
         metadata={
             "help": "r_g as a fraction of min(d_out, d_in): the guard covers the top r_g principal directions "
             "(clamped to the principal rank r = n - K*m)"
