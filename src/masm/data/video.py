@@ -66,24 +66,35 @@ def _open(path: Path):
 
 def count_frames(path: str | Path) -> int:
     """Number of frames in the first video stream: from the header, else by counting packets (no decode)."""
-    import av
-
     path = Path(path)
     container = _open(path)
     try:
-        stream = container.streams.video[0]
-        if stream.frames and stream.frames > 0:
-            return int(stream.frames)
-        count = 0
-        try:
-            for packet in container.demux(stream):
-                if packet.size:
-                    count += 1
-        except av.FFmpegError as err:
-            log.warning("%s: stopped counting packets at %d (%s)", path, count, video_error_reason(err))
+        count, broken = stream_frame_count(container, container.streams.video[0])
+        if broken is not None:
+            log.warning("%s: stopped counting packets at %d (%s)", path, count, video_error_reason(broken))
         return count
     finally:
         container.close()
+
+
+def stream_frame_count(container, stream, limit: int | None = None):
+    """``(frames, error)`` of an open stream: the header's count if it has one, else its packets counted
+    without decoding (stopping once past ``limit``); ``error`` is the FFmpeg error a broken stream ended
+    with (the frames before it are what a decoder will see), else None."""
+    import av
+
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames), None
+    count = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                count += 1
+                if limit is not None and count > limit:
+                    break
+    except av.FFmpegError as err:
+        return count, err
+    return count, None
 
 
 def read_frames(path: str | Path, num_frames: int, mode: str = "linspace") -> list[tuple[int, np.ndarray]]:

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from masm.data.images import is_image_file
+from masm.data.video import stream_frame_count
 from masm.inference.inputs import IMAGE, VIDEO
 
 from .options import ServeOptions
@@ -78,7 +79,7 @@ def _check_video(path: Path, options: ServeOptions) -> None:
                 f"video of {seconds:.1f} s is longer than the limit of {options.max_video_seconds:g} s "
                 "(--max-video-seconds)",
             )
-        frames = _frame_count(container, stream, options.max_video_frames)
+        frames, _ = stream_frame_count(container, stream, options.max_video_frames)
         if frames > options.max_video_frames:
             raise UploadError(
                 413,
@@ -99,21 +100,3 @@ def _duration(container, stream) -> float | None:
 
         return container.duration / av.time_base
     return None
-
-
-def _frame_count(container, stream, limit: int) -> int:
-    """Frames in the stream: the header's count if it has one, else packets counted (stops past ``limit``)."""
-    import av
-
-    if stream.frames and stream.frames > 0:
-        return int(stream.frames)
-    count = 0
-    try:
-        for packet in container.demux(stream):
-            if packet.size:
-                count += 1
-                if count > limit:
-                    break
-    except av.FFmpegError:
-        pass  # a stream that breaks off: the frames before the break are what the decoder will see
-    return count

@@ -86,21 +86,22 @@ def _reached_max(run: Run) -> bool:
 def _micro_step(run: Run, batch: dict, sync: bool, group_size: int) -> dict[str, torch.Tensor] | None:
     """Forward and backward of one micro-batch, its loss scaled by 1 / (micro-batches in its group).
 
-    A micro-batch whose every sample failed still runs a forward and backward (one blank frame, its
-    output weighted 0), so that under DDP every rank joins the same gradient all-reduce with a zero
+    Under DDP a micro-batch whose every sample failed still runs a forward and backward (one blank frame,
+    its output weighted 0), so that every rank joins the same gradient all-reduce with a zero
     contribution; the step is skipped on every rank when no rank had a sample (:func:`_step_flags`).
     Nothing here waits for the device.
     """
     env, cfg = run.env, run.config
     ok = 0 if batch["pixel_values"] is None else len(batch["label"])
     run.failures.add_batch(batch["failed"], ok)
+    if not ok and not env.distributed:  # alone, there is no all-reduce to join
+        return None
     if ok:
         pixels = batch["pixel_values"].to(env.device, non_blocking=True)
         labels = batch["label"].to(env.device, non_blocking=True)
     else:
         size = run.detector.preprocessing.input_size
         pixels = torch.zeros(1, 3, size, size, device=env.device)
-        labels = torch.zeros(1, dtype=torch.long, device=env.device)
     context = contextlib.nullcontext() if sync or not env.distributed else run.model.no_sync()
     with context:
         with autocast_for(env.device, cfg.precision):
