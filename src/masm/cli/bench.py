@@ -9,6 +9,7 @@ BENCHMARKS = {
     "speed": ("speed", "training-step and inference speed and peak memory: MASM vs Effort, LoRA, full"),
     "quality": ("quality", "leave-family-out generalisation of every method on synthetic forgeries"),
     "preprocess": ("preprocess_speed", "face preprocessing throughput on a 720p clip"),
+    "data": ("data_speed", "training-loader frames/s of one worker (crops, pseudo-fakes); workers per GPU"),
     "detect": ("detect_speed", "detect throughput (files -> scores) vs a plain backbone forward"),
     "serve": ("serve", "masm serve over loopback: concurrent clients vs one at a time (batching)"),
     "explain": ("explain_maps", "explanation maps vs the true forgery region: pixel AUC and pointing game"),
