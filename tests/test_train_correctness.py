@@ -15,6 +15,7 @@ from masm.training import checkpoints as checkpoints_module
 from masm.training import load_train_config, train
 from masm.training import loop as loop_module
 from masm.training import optim as optim_module
+from masm.training.health import StepHealth
 from test_train_support import TINY_CONFIG, make_folder_dataset, tiny_overrides
 
 
@@ -30,13 +31,13 @@ def _config(data, **extra):
 def _grads_at_each_step(monkeypatch) -> list[dict[str, torch.Tensor]]:
     """Record the gradients every optimizer step is about to use."""
     steps: list[dict[str, torch.Tensor]] = []
-    check = loop_module._step_flags
+    decide = StepHealth.decide
 
-    def recording(run):
+    def recording(self, run):
         steps.append({n: p.grad.clone() for n, p in run.detector.named_parameters() if p.grad is not None})
-        return check(run)
+        return decide(self, run)
 
-    monkeypatch.setattr(loop_module, "_step_flags", recording)
+    monkeypatch.setattr(StepHealth, "decide", recording)
     return steps
 
 
@@ -98,10 +99,11 @@ def test_non_finite_gradient_with_finite_loss_refuses_the_step(tmp_path, data, m
         MasmError, match=r"gradient is not finite at step 3 .*loss is finite: parameter 'head.weight'"
     ):
         train(_config(data), tmp_path / "run", progress=False)
-    # the refused step changed neither the weights, nor Adam's moments, nor the mask's running averages
-    before, after = snapshots[-1], _state(runs[-1])
-    assert before.keys() == after.keys()
-    for key in before:
+    # the refused step changed neither the weights, nor Adam's moments, nor the mask's running averages,
+    # and nor did any step after it (decided on the device: the host noticed at the next check point)
+    before, after = snapshots[2], _state(runs[-1])
+    assert before.keys() == after.keys() and len(snapshots) >= 3
+    for key in before.keys() - {"mask/num_steps"}:  # the host's count of steps it asked for
         assert torch.equal(before[key], after[key]), key
 
 
@@ -159,10 +161,18 @@ def test_svd_memory_cache_keeps_the_most_recent_entries_within_its_bound(monkeyp
     assert list(held)[-1] == keys[-1]
 
 
-def test_adam_uses_multi_tensor_kernels_off_cuda():
-    params = [torch.nn.Parameter(torch.zeros(3))]
-    defaults = optim_module.make_optimizer(params, "adam", lr=1e-3).defaults
-    assert defaults["foreach"] is True and not defaults.get("fused")
+def test_adam_is_fused_and_skips_a_refused_step_on_the_device():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = optim_module.make_optimizer(params, "adam", lr=1e-3)
+    assert optimizer.defaults["fused"] is True
+    params[0].grad = torch.ones(3)
+    optimizer.step()
+    before = (params[0].detach().clone(), optimizer.state[params[0]]["exp_avg"].clone())
+    optimizer.found_inf = torch.ones(())  # what the trainer sets for a refused step
+    params[0].grad = torch.full((3,), float("nan"))
+    optimizer.step()
+    assert torch.equal(params[0], before[0]) and torch.equal(optimizer.state[params[0]]["exp_avg"], before[1])
+    assert int(optimizer.state[params[0]]["step"]) == 1
 
 
 def test_training_takes_autocast_from_the_neutral_module():

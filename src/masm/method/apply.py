@@ -46,9 +46,12 @@ def apply_masm(model: nn.Module, config: MASMConfig | None = None, cache_dir: Pa
     targets = selected_targets(find_targets(model, config.target_modules), config.select.layers)
     for param in model.parameters():
         param.requires_grad_(False)
+    layers = []
     for name, linear in targets:
         svd = decompose(linear.weight, config.svd_dtype, cache_dir)
-        replace_module(model, name, MASMLinear(linear, svd, config))
+        layers.append(MASMLinear(linear, svd, config))
+        replace_module(model, name, layers[-1])
+    group_layers(model, layers)
     logger.debug(
         "MASM: adapted %d Linear layers (K=%d, m=%d)",
         len(targets),
@@ -75,11 +78,63 @@ def selected_targets(
     return [(name, linear) for name, linear in targets if name in chosen]
 
 
+class MASMGroups(nn.Module):
+    """The :class:`LayerGroup` s of a model's MASM layers, held by the model as ``masm_groups`` (so that
+    ``.to()``, DDP and optimizers see their Parameters), with the hooks that build every group's operands
+    when the model's forward starts and drop them when it ends."""
+
+    def __init__(self, groups: list[LayerGroup]):
+        super().__init__()
+        self.groups = nn.ModuleList(groups)
+
+    def begin_pass(self, module, args) -> None:
+        for group in self.groups:
+            group.begin_pass()
+
+    def end_pass(self, module, args, output) -> None:
+        for group in self.groups:
+            group.end_pass()
+
+    def attach(self, model: nn.Module) -> None:
+        model.masm_groups = self
+        model.register_forward_pre_hook(self.begin_pass)
+        model.register_forward_hook(self.end_pass, always_call=True)  # even when the forward raises
+
+    def detach_from(self, model: nn.Module) -> None:
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is self]:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+        del model.masm_groups
+
+
+def group_layers(model: nn.Module, layers: list[MASMLinear]) -> list[LayerGroup]:
+    """Put ``layers`` (new MASM layers of ``model``) into one :class:`LayerGroup` per layout, held by
+    ``model``; each layer becomes a row of its group."""
+    if isinstance(getattr(model, "masm_groups", None), MASMGroups):
+        raise ConfigError("apply_masm: the model has MASM layers already; merge them first (merge_masm)")
+    by_layout: dict[tuple, list[MASMLinear]] = {}
+    for layer in layers:
+        by_layout.setdefault(tuple(sorted(layer.group.layout.items())), []).append(layer)
+    groups = []
+    for members in by_layout.values():
+        group = LayerGroup.stack([layer.group for layer in members])
+        for row, layer in enumerate(members):
+            layer.join(group, row)
+        groups.append(group)
+    MASMGroups(groups).attach(model)
+    return groups
+
+
 def merge_masm(model: nn.Module) -> nn.Module:
     """Fold every :class:`MASMLinear` of ``model`` back into a plain ``nn.Linear`` (in place)."""
     for name, layer in list(model.named_modules()):
         if isinstance(layer, MASMLinear):
             replace_module(model, name, layer.merge())
+    for module in list(model.modules()):
+        container = getattr(module, "masm_groups", None)
+        if isinstance(container, MASMGroups):
+            container.detach_from(module)
     return model
 
 
@@ -91,18 +146,18 @@ def project_gradients(model: nn.Module, groups: list | None = None) -> None:
         group.project_gradients_()
 
 
-def reproject_guarded(model: nn.Module, groups: list | None = None) -> None:
+def reproject_guarded(model: nn.Module, groups: list | None = None, skip=None) -> None:
     """After an optimizer step: project every updated artifact factor out of its guarded directions.
 
-    Only ``semantic_guard: project`` layers do anything; factors without a gradient (a layer paused whole
-    by the selective mask) are left untouched. ``groups`` as for :func:`project_gradients`.
+    Only ``semantic_guard: project`` layers do anything; paused subspaces are put back bit for bit by the
+    mask afterwards. ``groups`` as for :func:`project_gradients`.
     """
     for group in _as_groups(model, groups):
-        group.reproject_()
+        group.reproject_(skip)
 
 
 @contextmanager
-def subspace_update(model: nn.Module, optimizer, controller=None, groups: list | None = None):
+def subspace_update(model: nn.Module, optimizer, controller=None, groups: list | None = None, skip=None):
     """Wrap the optimizer step of a MASM model: the semantic guard and the selective mask around it.
 
     ::
@@ -116,14 +171,17 @@ def subspace_update(model: nn.Module, optimizer, controller=None, groups: list |
     scaling and weight decay leave the complement), then the paused subspaces' values and moments put back.
     The guard is exact this way, and it lives in plain functions of the layer's buffers, so any copy of the
     model keeps it. ``groups``: :func:`~masm.method.layer_groups` of the model, computed once by the caller
-    (default: found here, at a module walk per call); a flat list of layers is grouped here.
+    (default: found here, at a module walk per call); a flat list of layers is grouped here. ``skip``: a
+    device flag set when the step must change nothing (the trainer's non-finite check, :mod:`masm.training.
+    health`; the optimizer skips on it too): the guard and the mask's statistics then leave their tensors
+    as they were, without a host sync.
     """
     groups = _as_groups(model, groups)
     project_gradients(model, groups)
     if controller is not None:
-        controller.step(optimizer)
+        controller.step(optimizer, skip)
     yield
-    reproject_guarded(model, groups)
+    reproject_guarded(model, groups, skip)
     if controller is not None:
         controller.restore()
 

@@ -1,104 +1,181 @@
-"""Same-shape MASM layers, handled together: one batched kernel per group instead of one per layer.
+"""Same-shape MASM layers, stored together: one tensor per factor for the whole group.
 
-On a GPU a training step of a ViT with small batches is bound by kernel launches and Python dispatch, not by
-arithmetic: ViT-L/14 has 96 adapted layers, and a guard applied layer by layer costs ~8 kernels per layer,
-twice per step. A :class:`LayerGroup` stacks its layers' tensors and runs the guard (and, in
-:mod:`.losses`, the regularisers) as a few batched matmuls for the whole group.
+On a GPU a training step of a ViT with small batches is bound by the number of operations dispatched, not
+by arithmetic: ViT-B/16 has 48 adapted attention projections and ViT-L/14 96, all of one shape. A
+:class:`LayerGroup` keeps the factors of its layers as one Parameter each (``U``: layers × d_out × Km,
+``s``: layers × Km, ``V``: layers × d_in × Km) and the frozen tensors as one buffer each; a layer reads
+row ``i`` of them. So the optimizer, the guard, the regularisers and the mask's statistics take a handful of
+operations per group, whatever its size, and the fused operands every layer's matmul reads are built for
+the whole group in one batched product per forward pass.
+
+The layers keep their own names: a model's state dict holds ``….q_proj.U`` and so on for every layer
+(:class:`~masm.method.MASMLinear` writes and reads its row), and the group's own tensors are not in it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import nn
 
-from .layer import MASMLinear, _project
+#: The tensors a group stores per layer, in the order a layer's state dict lists them.
+LAYER_TENSORS = ("weight_sem", "bias", "U", "s", "V", "sigma0", "energy0", "energy_sem", "U_basis", "V_basis")
+FACTORS = ("U", "s", "V")
 
 
-class LayerGroup(list):
-    """MASM layers of one shape, K, m and guard, in model order (a ``list`` of :class:`MASMLinear`).
+class LayerGroup(nn.Module):
+    """The tensors of same-shape MASM layers (same d_out, d_in, K, m, guard and bias), stacked.
 
-    Keeps its layers' guarded bases stacked (``L × d × c`` per side), rebuilt only when a basis changes
-    (moved to another device, loaded): the copy costs the bases' memory once more, which buys the guard's
-    two projections per step as a handful of kernels for the whole group.
+    ``layout`` holds what must be equal across the group: shapes, K, m, the guard mode and rank, which
+    side stores the complement of its guarded basis, and whether the layers have a bias.
     """
 
-    def __init__(self, layers=()):
-        super().__init__(layers)
-        self._bases_key: tuple | None = None
-        self._bases: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, tensors: dict[str, torch.Tensor | None], layout: dict):
+        super().__init__()
+        self.layout = dict(layout)
+        for name in LAYER_TENSORS:
+            value = tensors.get(name)
+            if name in FACTORS:
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    @classmethod
+    def stack(cls, groups: list[LayerGroup]) -> LayerGroup:
+        """One group holding the rows of ``groups`` (of equal layout) in order."""
+        layout = groups[0].layout
+        tensors = {}
+        for name in LAYER_TENSORS:
+            parts = [getattr(g, name) for g in groups]
+            tensors[name] = None if parts[0] is None else torch.cat([p.detach() for p in parts])
+        return cls(tensors, layout)
+
+    def __len__(self) -> int:
+        return self.U.shape[0]
+
+    # -- the fused operands, built once per forward pass of the model -------------------------------------
+    def begin_pass(self) -> None:
+        """Build every layer's fused operands for the model's forward that starts now (called by the hook
+        :func:`~masm.method.apply_masm` puts on the model). Built in one go for the group, from the current
+        factors; kept only until the forward ends, so no later forward can see stale ones."""
+        from .layer import group_operands, operand_dtype
+
+        track = torch.is_grad_enabled() and self.U.requires_grad
+        with torch.autocast(self.U.device.type, enabled=False):
+            self._pass = group_operands(
+                self.U, self.s, self.V, self.weight_sem, self.bias, operand_dtype(self), track
+            )
+
+    def end_pass(self) -> None:
+        self._pass = None
+
+    def pass_arguments(self, index: int) -> tuple | None:
+        """Layer ``index``'s operands of the current forward pass (``None`` outside one)."""
+        built = self.__dict__.get("_pass")
+        return None if built is None else built[index]
+
+    def operands_of(self, index: int, dtype: torch.dtype) -> tuple:
+        """Layer ``index``'s operands built for it alone (a layer called outside its model's forward)."""
+        from .layer import group_operands
+
+        rows = slice(index, index + 1)
+        tensors = [t if len(self) == 1 else t[rows] for t in (self.U, self.s, self.V, self.weight_sem)]
+        bias = None if self.bias is None else (self.bias if len(self) == 1 else self.bias[rows])
+        track = torch.is_grad_enabled() and self.U.requires_grad
+        with torch.autocast(self.U.device.type, enabled=False):
+            return group_operands(*tensors, bias, dtype, track)[0]
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) holds no operands of a forward in flight
+        return {**self.__dict__, "_pass": None}
+
+    # -- what the layout says -----------------------------------------------------------------------------
+    @property
+    def num_subspaces(self) -> int:
+        return self.layout["num_subspaces"]
+
+    @property
+    def subspace_rank(self) -> int:
+        return self.layout["subspace_rank"]
+
+    @property
+    def semantic_guard(self) -> str:
+        return self.layout["semantic_guard"]
 
     @property
     def guarded(self) -> bool:
-        return bool(self) and self[0].semantic_guard == "project"
+        return self.semantic_guard == "project"
 
-    def stacked_bases(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U bases, V bases)`` of the group's layers, stacked: ``L × d_out × c`` and ``L × d_in × c``."""
-        tensors = [t for layer in self for t in (layer.U_basis, layer.V_basis)]
-        key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
-        if self._bases is None or key != self._bases_key:
-            self._bases = (torch.stack(tensors[0::2]), torch.stack(tensors[1::2]))
-            self._bases_key = key
-        return self._bases
+    # -- state dicts: the layers hold the keys ------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass  # every row is saved under its layer's name
 
+    def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):
+        pass  # every row is loaded by its layer
+
+    # -- the semantic guard (method.md §3), batched over the group -------------------------------------------
     @torch.no_grad()
     def project_gradients_(self) -> None:
-        """Every layer's ``U``/``V`` gradient projected out of its guarded directions (``project`` mode;
-        else a no-op), batched over the group.
+        """``U``/``V`` gradients projected out of the guarded directions (``project`` mode; else a no-op).
 
         Called between backward and the optimizer step, so Adam's moments only ever see the complement.
         """
         if self.guarded:
-            self._project_(lambda p: p.grad)
+            self._project_(self.U.grad, self.V.grad)
 
     @torch.no_grad()
-    def reproject_(self, updated_only: bool = True) -> None:
-        """Every layer's stored ``U``/``V`` projected out of its guarded directions (``project`` mode; else
-        a no-op), batched over the group.
+    def reproject_(self, skip: torch.Tensor | None = None) -> None:
+        """The stored ``U``/``V`` projected out of the guarded directions (``project`` mode; else a no-op).
 
         Called after every optimizer step: Adam's per-element scaling and weight decay move the stored
-        tensors out of the complement even though their gradients lie in it. With ``updated_only`` a factor
-        without a gradient (its layer paused whole by the mask) is left bit for bit as it is.
+        tensors out of the complement even though their gradients lie in it. (Paused subspaces are put
+        back bit for bit afterwards by the mask.) ``skip``: a device flag; where set, nothing changes (the
+        step was refused).
         """
         if self.guarded:
-            self._project_(lambda p: p if not updated_only or p.grad is not None else None)
+            self._project_(self.U, self.V, skip)
 
-    def _project_(self, target) -> None:
-        """``t ← (I − B Bᵀ) t`` for ``t = target(factor)`` of every layer and side (skipped where ``None``)."""
-        first = self[0]
-        bases = self.stacked_bases()
-        for side, (name, complement) in enumerate((("U", first.u_complement), ("V", first.v_complement))):
-            tensors = [target(getattr(layer, name)) for layer in self]
-            rows = [i for i, t in enumerate(tensors) if t is not None]
-            if not rows:
+    def _project_(self, u: torch.Tensor | None, v: torch.Tensor | None, skip=None) -> None:
+        for tensor, basis, complement in (
+            (u, self.U_basis, self.layout["u_complement"]),
+            (v, self.V_basis, self.layout["v_complement"]),
+        ):
+            if tensor is None:
                 continue
-            basis = bases[side] if len(rows) == len(self) else bases[side][rows]
-            projected = _project(torch.stack([tensors[i] for i in rows]), basis, complement)
-            torch._foreach_copy_([tensors[i] for i in rows], list(projected.unbind(0)))
+            inside = basis @ (basis.mT @ tensor)
+            if skip is not None:
+                tensor.copy_(torch.where(skip, tensor, inside if complement else tensor - inside))
+            elif complement:
+                tensor.copy_(inside)
+            else:
+                tensor.sub_(inside)
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return (
+            f"layers={len(self)}, out_features={lay['out_features']}, in_features={lay['in_features']}, "
+            f"K={lay['num_subspaces']}, m={lay['subspace_rank']}, semantic_guard={lay['semantic_guard']}"
+        )
 
 
-def layer_groups(model_or_layers: nn.Module | list[MASMLinear]) -> list[LayerGroup]:
-    """The MASM layers of a model (or of a list of layers) grouped by shape, K, m and guard.
+def project(grad: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
+    """``(I − B_sem B_semᵀ) grad`` from the semantic basis or from its complement, batched over leading
+    dimensions."""
+    inside = basis @ (basis.mT @ grad)
+    return inside if is_complement else grad - inside
 
-    Computed once by a trainer and passed to :func:`~masm.method.total_loss` and
-    :func:`~masm.method.subspace_update`, so a step neither walks the module tree nor loops over layers.
+
+def layer_groups(model_or_layers) -> list[LayerGroup]:
+    """The layer groups of a model's MASM layers (or of a list of layers), each once, in model order.
+
+    A model prepared by :func:`~masm.method.apply_masm` has its layers grouped by shape already; a layer
+    built on its own is a group of one.
     """
+    from .layer import MASMLinear
+
     if isinstance(model_or_layers, nn.Module):
         layers = [m for m in model_or_layers.modules() if isinstance(m, MASMLinear)]
     else:
         layers = list(model_or_layers)
-    groups: dict[tuple, LayerGroup] = defaultdict(LayerGroup)
+    seen: dict[int, LayerGroup] = {}
     for layer in layers:
-        key = (
-            layer.out_features,
-            layer.in_features,
-            layer.num_subspaces,
-            layer.subspace_rank,
-            layer.semantic_guard,
-            getattr(layer, "u_complement", None),
-            getattr(layer, "v_complement", None),
-            layer.guard_rank,
-        )
-        groups[key].append(layer)
-    return list(groups.values())
+        seen.setdefault(id(layer.group), layer.group)
+    return list(seen.values())

@@ -1,11 +1,16 @@
 """The MASM adapter layer: a pretrained ``nn.Linear`` split into a frozen semantic part and K trainable
 artifact subspaces (method.md §1–3).
 
-Like PEFT's LoRA and OSF layers, :class:`MASMLinear` takes the place of the original Linear, keeps the
-frozen factors as buffers and the trainable ones as Parameters, and :meth:`MASMLinear.merge` turns it back
-into a plain ``nn.Linear``. Unlike Effort's reference code, backward computes no full-size weight gradient:
-the factors' gradients come from thin low-rank products, and the ``d_out × d_in`` matrix the forward uses
-is built from them once per optimizer step, outside autograd.
+Like PEFT's LoRA and OSF layers, :class:`MASMLinear` takes the place of the original Linear, and
+:meth:`MASMLinear.merge` turns it back into a plain ``nn.Linear``. Its tensors live in a
+:class:`~masm.method.LayerGroup`, one row per layer, shared by every layer of its shape once
+:func:`~masm.method.apply_masm` has grouped them (a layer built on its own is a group of one).
+
+Unlike Effort's reference code, backward computes no full-size weight gradient: the factors' gradients come
+from thin low-rank products, and the ``d_out × d_in`` matrices the forward uses are built from the factors
+once per forward pass for the whole group, outside autograd. They are never cached across passes, so
+nothing can make them stale: not an optimizer step, a ``load_state_dict``, a write through ``.data``, nor a
+first build under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -15,31 +20,26 @@ from torch import nn
 
 from .config import MASMConfig
 from .decomposition import SVD, residual_groups
+from .groups import LAYER_TENSORS, LayerGroup
 
 
 class MASMLinear(nn.Module):
     """``y = x W_semᵀ + b + ((x V) ⊙ s) Uᵀ``, the K subspaces side by side in one tensor per factor.
 
-    Parameters: ``U`` (d_out×Km), ``s`` (Km), ``V`` (d_in×Km); subspace ``k`` is columns ``k·m:(k+1)·m``
-    of each (:meth:`subspace_columns`). One tensor per factor keeps every per-step operation batched: the
-    forward, the guard, the regularisers and the mask's statistics take one kernel per layer (or per shape
-    group), not one per subspace. Per-subspace masking happens around the optimizer step
-    (:class:`~masm.method.SelectiveMaskController`).
+    Factors: ``U`` (d_out×Km), ``s`` (Km), ``V`` (d_in×Km); subspace ``k`` is columns ``k·m:(k+1)·m`` of
+    each (:meth:`subspace_columns`). Frozen: ``weight_sem`` (the semantic weight), ``bias``, ``sigma0``
+    (initial singular values of each subspace, for the spectral loss), ``energy0`` / ``energy_sem``
+    (squared Frobenius norms) and, when the semantic guard is on, ``U_basis`` / ``V_basis`` (the guarded
+    basis of a side, or its complement where that side is square and the complement smaller).
 
-    Buffers: ``weight_sem`` (frozen semantic weight), ``bias`` (frozen), ``sigma0`` (initial singular
-    values of each subspace, for the spectral loss), ``energy0`` / ``energy_sem`` (squared Frobenius
-    norms) and, when the semantic guard is on, ``U_basis`` / ``V_basis`` (the guarded basis of a side, or
-    its complement where that side is square and the complement smaller).
+    Each of these attributes is row :attr:`index` of the tensor of that name in :attr:`group` (a view:
+    writing into it writes the layer's row). The Parameters are the group's; the layer's state dict holds
+    its rows under the names above, as checkpoints always had them.
     """
 
     def __init__(self, base: nn.Linear, svd: SVD, config: MASMConfig):
         super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.num_subspaces = config.num_subspaces
-        self.subspace_rank = config.subspace_rank
-        self.semantic_guard = config.semantic_guard
-        n = min(self.in_features, self.out_features)
+        n = min(base.in_features, base.out_features)
         groups = residual_groups(n, config.num_subspaces, config.subspace_rank, config.slicing)
         rank_sem = n - config.artifact_rank
         dtype = base.weight.dtype
@@ -51,33 +51,105 @@ class MASMLinear(nn.Module):
         # W_sem = W - (residual part), in the SVD's precision: the layer then reproduces W to round-off
         # whatever the truncation, and W itself is not kept.
         weight_sem = weight - (U[:, residual] * S[residual]) @ Vh[residual]
-        self.register_buffer("weight_sem", weight_sem.to(device, dtype))
-        self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
-        self._fused: tuple | None = None  # (key, FusedOperands): see _fused_operands
-        self.U = nn.Parameter(U[:, residual].to(device, torch.float32).contiguous())
-        self.s = nn.Parameter(S[residual].to(device, torch.float32).contiguous())
-        self.V = nn.Parameter(Vh[residual].T.to(device, torch.float32).contiguous())
-        sigma0 = torch.stack([S[g].sort(descending=True).values for g in groups]).float()
-        self.register_buffer("sigma0", sigma0.to(device))
-        self.register_buffer("energy0", weight.pow(2).sum().float().to(device))
-        self.register_buffer("energy_sem", weight_sem.pow(2).sum().float().to(device))
-        self.guard_rank = min(rank_sem, max(1, round(config.guard_rank * n)))
+        guard_rank = min(rank_sem, max(1, round(config.guard_rank * n)))
+        layout = {
+            "out_features": base.out_features,
+            "in_features": base.in_features,
+            "num_subspaces": config.num_subspaces,
+            "subspace_rank": config.subspace_rank,
+            "semantic_guard": config.semantic_guard,
+            "guard_rank": guard_rank,
+            "has_bias": base.bias is not None,
+            "u_complement": None,
+            "v_complement": None,
+        }
+
+        def f32(t):
+            return t.to(device, torch.float32).contiguous()
+
+        tensors = {
+            "weight_sem": weight_sem.to(device, dtype),
+            "bias": None if base.bias is None else base.bias.detach().clone(),
+            "U": f32(U[:, residual]),
+            "s": f32(S[residual]),
+            "V": f32(Vh[residual].T),
+            "sigma0": f32(torch.stack([S[g].sort(descending=True).values for g in groups])),
+            "energy0": f32(weight.pow(2).sum()),
+            "energy_sem": f32(weight_sem.pow(2).sum()),
+        }
         if config.semantic_guard != "off":
             # The guard keeps the artifact factors out of the top r_g principal directions only (method.md
             # §3): a guard over all r frozen directions would confine them to the initial residual span.
             # Each side stores the smaller of the guarded basis (d × r_g) and, where the side is square,
             # its complement (d × (n − r_g)); both give the same projection.
-            self.u_complement = self.out_features == n and n - self.guard_rank < self.guard_rank
-            self.v_complement = self.in_features == n and n - self.guard_rank < self.guard_rank
-            g = self.guard_rank
-            U_basis = U[:, g:] if self.u_complement else U[:, :g]
-            V_basis = Vh[g:].T if self.v_complement else Vh[:g].T
-            self.register_buffer("U_basis", U_basis.to(device, torch.float32).contiguous())
-            self.register_buffer("V_basis", V_basis.to(device, torch.float32).contiguous())
+            g = guard_rank
+            u_complement = base.out_features == n and n - g < g
+            v_complement = base.in_features == n and n - g < g
+            layout.update(u_complement=u_complement, v_complement=v_complement)
+            tensors["U_basis"] = f32(U[:, g:] if u_complement else U[:, :g])
+            tensors["V_basis"] = f32(Vh[g:].T if v_complement else Vh[:g].T)
+        rows = {name: None if t is None else t.unsqueeze(0) for name, t in tensors.items()}
+        self.own_group = LayerGroup(rows, layout)
+        self.index = 0
+
+    # -- the group this layer is a row of ---------------------------------------------------------------
+    @property
+    def group(self) -> LayerGroup:
+        own = self._modules.get("own_group")
+        return own if own is not None else self.__dict__["_shared_group"]
+
+    def join(self, group: LayerGroup, index: int) -> None:
+        """Become row ``index`` of ``group`` (which holds this layer's values already): the layer's own
+        tensors are dropped, and the group is not registered here (its owner holds it)."""
+        self._modules.pop("own_group", None)
+        self.__dict__["_shared_group"] = group
+        self.index = index
+
+    def __getattr__(self, name: str):
+        if name in _ROW_ATTRIBUTES:
+            tensor = getattr(self.group, name)
+            return None if tensor is None else tensor[self.index]
+        if name in _LAYOUT_ATTRIBUTES:
+            return self.group.layout[name]
+        return super().__getattr__(name)
+
+    # -- state dicts: this layer's rows under its own names -------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        group = self.group
+        with torch.enable_grad() if keep_vars else torch.no_grad():
+            for name in LAYER_TENSORS:
+                tensor = getattr(group, name)
+                if tensor is not None:
+                    row = tensor[self.index]
+                    destination[prefix + name] = row if keep_vars else row.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         _join_per_subspace_keys(state_dict, prefix, self.num_subspaces)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        group = self.group
+        names = [name for name in LAYER_TENSORS if getattr(group, name) is not None]
+        for name in names:
+            key = prefix + name
+            if key not in state_dict:
+                missing.append(key)
+                continue
+            row = getattr(group, name)[self.index]
+            value = state_dict[key]
+            if tuple(value.shape) != tuple(row.shape):
+                errors.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
+                    f"checkpoint, the shape in current model is {tuple(row.shape)}."
+                )
+                continue
+            with torch.no_grad():
+                row.copy_(value)
+        if strict:
+            for key in state_dict:
+                if (
+                    key.startswith(prefix)
+                    and "." not in key[len(prefix) :]
+                    and key[len(prefix) :] not in names
+                ):
+                    unexpected.append(key)
 
     # -- forward and merge ------------------------------------------------------------------------------
     def subspace_columns(self, k: int) -> slice:
@@ -90,48 +162,14 @@ class MASMLinear(nn.Module):
         return self.U[:, cols], self.s[cols], self.V[:, cols]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # Mixed precision: the hand-written backward in the autocast dtype (autocast would otherwise
-            # leave the custom Function and fall back to plain autograd); fp32 factors get fp32 gradients.
-            dtype = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                operands = self._fused_operands(dtype)
-                return _LowRankLinear.apply(x.to(dtype), *operands.arguments, self.U, self.s, self.V)
-        operands = self._fused_operands(x.dtype)  # without autocast: in x's dtype (e.g. a half backbone)
-        return _LowRankLinear.apply(x, *operands.arguments, self.U, self.s, self.V)
-
-    def _fused_operands(self, dtype: torch.dtype) -> FusedOperands:
-        """``[[W_sem + U (V s)ᵀ, U], [(V s)ᵀ, 0]]`` and ``[b, 0]`` in ``dtype``, rebuilt when a factor, a buffer
-        or the dtype changed (once per optimizer step in training, whatever the number of forwards).
-
-        With it a training forward is one matmul, ``x [W_eff; (V s)ᵀ]ᵀ = [y | x V s]``, and backward one more,
-        ``g [W_eff | U] = [dx | g U]``: the low-rank terms ride along as Km extra output columns of the
-        matmul that any adapter of the layer pays for, instead of thin matmuls that read the activations again
-        and rank-Km updates that rewrite them. The cost is one ``d_out × d_in`` matrix per layer, built from
-        the factors without autograd (backward computes no weight gradient of it).
-        """
-        tensors = (self.U, self.s, self.V, self.weight_sem) + (() if self.bias is None else (self.bias,))
-        key = (dtype, *((t.data_ptr(), t._version) for t in tensors))
-        if self._fused is None or self._fused[0] != key:
-            # Overwritten in place when only the factors changed: a forward whose backward has not run yet
-            # then fails autograd's version check (it saved these operands) instead of using new values.
-            operands = None if self._fused is None else self._fused[1]
-            if operands is None or not operands.fits(dtype, self.U.device):
-                operands = FusedOperands(
-                    self.out_features, self.in_features, self.U.shape[1], dtype, self.U.device, self.bias
-                )
-            with torch.no_grad():
-                operands.fill(self.weight_sem, self.bias, self.U, self.s, self.V)
-            self._fused = (key, operands)
-        return self._fused[1]
-
-    def __getstate__(self):  # a copy (deepcopy, pickle) builds its own operands from its own tensors
-        return {**self.__dict__, "_fused": None}
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: the operands are rebuilt on next use
-        self._fused = None
-        return super()._apply(fn, *args, **kwargs)
+        arguments = self.group.pass_arguments(self.index)
+        if arguments is None:  # called outside its model's forward: operands of this layer alone
+            arguments = self.group.operands_of(self.index, operand_dtype(self.group, x))
+        forward, bias, backward, u_token, vs_token = arguments
+        with torch.autocast(x.device.type, enabled=False):
+            # The hand-written backward runs in the operands' dtype (autocast's, in mixed precision);
+            # autocast would otherwise leave the custom Function and fall back to plain autograd.
+            return _LowRankLinear.apply(x.to(forward.dtype), forward, bias, backward, u_token, vs_token)
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight_sem + ((self.U * self.s) @ self.V.T).to(self.weight_sem.dtype)
@@ -139,26 +177,27 @@ class MASMLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (for inference at the backbone's speed)."""
+        weight = self.merged_weight()
         linear = nn.Linear(
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=self.weight_sem.device,
-            dtype=self.weight_sem.dtype,
+            device=weight.device,
+            dtype=weight.dtype,
         )
-        linear.weight.copy_(self.merged_weight())
+        linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
 
-    # -- terms of the regularisers (method.md §3), batched over layers in :mod:`.losses` --------------------
+    # -- terms of the regularisers (method.md §3); batched over groups in :mod:`.losses` ---------------------
     def semantic_overlap(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """``‖U_gᵀ U‖² + ‖V_gᵀ V‖²`` over the guarded directions (via ``‖Q‖² − ‖Bᵀ Q‖²`` where the stored
         basis B is the complement)."""
-        return _overlap(U, self.U_basis, self.u_complement) + _overlap(V, self.V_basis, self.v_complement)
+        return overlap(U, self.U_basis, self.u_complement) + overlap(V, self.V_basis, self.v_complement)
 
     def spectral_loss(self, mode: str = "artifact") -> torch.Tensor:
-        """Spectral consistency.
+        """Spectral consistency of this layer (the group version is :func:`masm.method.losses.regularizers`).
 
         ``artifact``: ``Σ_k ‖σ(A_k) − σ⁰_k‖² / ‖W⁰‖²_F`` with ``A_k = U_k diag(s_k) V_kᵀ``. The
         singular values of ``A_k`` come from QR factors of ``U_k`` and ``V_k`` and an m×m SVD, which is
@@ -191,6 +230,30 @@ class MASMLinear(nn.Module):
         )
 
 
+_ROW_ATTRIBUTES = frozenset(LAYER_TENSORS)
+_LAYOUT_ATTRIBUTES = frozenset(
+    (
+        "in_features",
+        "out_features",
+        "num_subspaces",
+        "subspace_rank",
+        "semantic_guard",
+        "guard_rank",
+        "u_complement",
+        "v_complement",
+    )
+)
+
+
+def operand_dtype(group: LayerGroup, x: torch.Tensor | None = None) -> torch.dtype:
+    """The dtype of the fused operands: autocast's in mixed precision, else the input's (the frozen
+    weight's when no input is at hand)."""
+    device = group.U.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return group.weight_sem.dtype if x is None else x.dtype
+
+
 def _join_per_subspace_keys(state_dict: dict, prefix: str, num_subspaces: int) -> None:
     """Checkpoints written before the subspaces were batched hold ``U.0 … U.{K-1}`` (and ``s.k``, ``V.k``);
     join them into the one tensor per factor the layer has now."""
@@ -202,98 +265,137 @@ def _join_per_subspace_keys(state_dict: dict, prefix: str, num_subspaces: int) -
         state_dict[prefix + name] = torch.cat(parts, dim=-1)
 
 
-class FusedOperands:
-    """The operands of :class:`_LowRankLinear` for one layer: ``[[W_eff, U], [(V s)ᵀ, 0]]`` and ``[b, 0]`` in
-    one buffer each, and the views that forward, backward and :meth:`fill` read or write.
+def fill_operands(U, s, V, weight_sem, bias, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused operands of a group's layers (leading dimension: layers), in ``dtype``.
 
-    The views are made once, with the buffers, so that a step dispatches no slicing: on a GPU with small
-    batches a step is bound by the number of operations launched, not by their arithmetic.
+    ``weights[i] = [[W_sem + U (V s)ᵀ, U], [(V s)ᵀ, 0]]`` and ``bias[i] = [b, 0]``, the sum in the factors'
+    precision. With them a layer's forward is one matmul, ``x [W_eff; (V s)ᵀ]ᵀ = [y | x V s]``, and its
+    backward one more, ``g [W_eff | U] = [dx | g U]``: the low-rank terms ride along as Km extra columns of
+    the matmul any adapter of the layer pays for, instead of thin matmuls that read the activations again.
+    One batched product builds every layer's ``W_eff``.
     """
-
-    def __init__(self, d_out: int, d_in: int, km: int, dtype, device, bias: torch.Tensor | None):
-        self.weights = torch.zeros(d_out + km, d_in + km, dtype=dtype, device=device)
-        self.bias = None if bias is None else torch.zeros(d_out + km, dtype=dtype, device=device)
-        self.forward = self.weights[:, :d_in].T  # x @ forward + bias = [y | x V s]
-        self.backward = self.weights[:d_out]  # g @ backward = [dx | g U]
-        self.w_eff = self.weights[:d_out, :d_in]
-        self.u_block = self.weights[:d_out, d_in:]
-        self.vs_block = self.weights[d_out:, :d_in].T  # d_in × Km: V s goes in without a transpose
-        self.bias_block = None if bias is None else self.bias[:d_out]
-        self._bias_key: tuple | None = None  # the frozen bias is copied in only when it changed
-        self.arguments = (self.forward, self.bias, self.backward)  # as _LowRankLinear.apply takes them
-
-    def fits(self, dtype, device) -> bool:
-        return self.weights.dtype == dtype and self.weights.device == device
-
-    def fill(self, weight_sem, bias, U, s, V) -> FusedOperands:
-        """Write ``W_sem + U (V s)ᵀ``, ``U``, ``V s`` and ``b`` into place (the sum in the factors' precision)."""
-        Vs = V * s
-        if self.weights.dtype == U.dtype == weight_sem.dtype:
-            torch.addmm(weight_sem, U, Vs.T, out=self.w_eff)  # straight into place
-        else:
-            self.w_eff.copy_(torch.addmm(weight_sem.to(U.dtype), U, Vs.T))
-        self.u_block.copy_(U)
-        self.vs_block.copy_(Vs)
-        if bias is not None and self._bias_key != (bias.data_ptr(), bias._version):
-            self.bias_block.copy_(bias)
-            self._bias_key = (bias.data_ptr(), bias._version)
-        return self
+    layers, d_out, km = U.shape
+    d_in = V.shape[1]
+    Vs = V * s.unsqueeze(1)
+    weights = U.new_empty((layers, d_out + km, d_in + km), dtype=dtype)
+    if dtype == U.dtype == weight_sem.dtype:
+        torch.baddbmm(weight_sem, U, Vs.mT, out=weights[:, :d_out, :d_in])  # straight into place
+    else:
+        weights[:, :d_out, :d_in] = torch.baddbmm(weight_sem.to(U.dtype), U, Vs.mT)
+    weights[:, :d_out, d_in:] = U
+    weights[:, d_out:, :d_in] = Vs.mT
+    weights[:, d_out:, d_in:] = 0
+    if bias is None:
+        return weights, None
+    fused_bias = U.new_zeros((layers, d_out + km), dtype=dtype)
+    fused_bias[:, :d_out] = bias
+    return weights, fused_bias
 
 
-def fuse(weight_sem, bias, U, s, V, dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Fresh operands of :class:`_LowRankLinear` (``forward``, ``bias``, ``backward``), in ``dtype``."""
-    operands = FusedOperands(*weight_sem.shape, U.shape[1], dtype, weight_sem.device, bias)
-    return operands.fill(weight_sem, bias, U, s, V).arguments
-
-
-class _LowRankLinear(torch.autograd.Function):
-    """``x W_semᵀ + b + ((x V) ⊙ s) Uᵀ`` with a hand-written backward, from the operands of :func:`fuse`.
-
-    forward:  ``[y | x V s] = x [W_eff; (V s)ᵀ]ᵀ + [b, 0]``, one matmul, with ``W_eff = W_sem + U (V s)ᵀ``;
-    backward: ``[dx | g U] = g [W_eff | U]``, one matmul, and the factors' gradients from the thin
-    ``x V s`` and ``g U`` (Km × d products, no ``d_out × d_in`` weight gradient).
+class _GroupOperands(torch.autograd.Function):
+    """The fused operands of a group (:func:`fill_operands`), and for each factor side a token whose
+    gradient is the layers' thin gradient, transposed: ``∂L/∂Uᵀ`` (layers × Km × d_out) and
+    ``∂L/∂(V s)ᵀ`` (layers × Km × d_in). Backward turns them into the factors' gradients, for the whole group at once: the
+    layers' gradients arrive stacked (autograd's ``unbind`` backward), never added up one by one.
     """
 
     @staticmethod
-    def forward(ctx, x, forward, bias, backward, U, s, V):
+    def forward(ctx, U, s, V, weight_sem, bias, dtype):
+        weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype)
+        layers, d_out, km = U.shape
+        # Tokens carry no values (a broadcast scalar): only their gradients matter. Km × d per layer, the
+        # layout in which the layers compute them.
+        u_token = weights.new_empty((1, 1, 1)).expand(layers, km, d_out)
+        vs_token = weights.new_empty((1, 1, 1)).expand(layers, km, V.shape[1])
+        ctx.save_for_backward(s, V)
+        ctx.factor_dtype = U.dtype
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the big operands
+        ctx.mark_non_differentiable(weights, *(() if fused_bias is None else (fused_bias,)))
+        return weights, fused_bias, u_token, vs_token
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _weights, _bias, grad_u, grad_vs):
+        s, V = ctx.saved_tensors
+        grad_U = grad_s = grad_V = None
+        if grad_u is not None:
+            grad_U = grad_u.mT.to(ctx.factor_dtype)
+        if grad_vs is not None:
+            grad_vs = grad_vs.mT.to(ctx.factor_dtype)
+            grad_s = (grad_vs * V).sum(1)
+            grad_V = grad_vs * s.unsqueeze(1)
+        return grad_U, grad_s, grad_V, None, None, None
+
+
+def group_operands(U, s, V, weight_sem, bias, dtype, track: bool) -> list[tuple]:
+    """Per layer: ``(forward, bias, backward, u_token, vs_token)`` as :class:`_LowRankLinear` takes them
+    (tokens ``None`` when the factors' gradients are not needed)."""
+    d_in = V.shape[1]
+    d_out = U.shape[1]
+    if track:
+        weights, fused_bias, u_token, vs_token = _GroupOperands.apply(U, s, V, weight_sem, bias, dtype)
+        u_tokens, vs_tokens = u_token.unbind(0), vs_token.unbind(0)
+    else:
+        with torch.no_grad():
+            weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype)
+        u_tokens = vs_tokens = (None,) * U.shape[0]
+    forwards = weights[:, :, :d_in].mT.unbind(0)  # x @ forward + bias = [y | x V s]
+    backwards = weights[:, :d_out].unbind(0)  # g @ backward = [dx | g U]
+    biases = (None,) * U.shape[0] if fused_bias is None else fused_bias.unbind(0)
+    return list(zip(forwards, biases, backwards, u_tokens, vs_tokens))
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``x W_semᵀ + b + ((x V) ⊙ s) Uᵀ`` with a hand-written backward, from the operands of
+    :func:`group_operands`.
+
+    forward:  ``[y | x V s] = x [W_eff; (V s)ᵀ]ᵀ + [b, 0]``, one matmul, with ``W_eff = W_sem + U (V s)ᵀ``;
+    backward: ``[dx | g U] = g [W_eff | U]``, one matmul, and the thin gradients of the tokens,
+    ``∂L/∂U = gᵀ (x V s)`` and ``∂L/∂(V s) = xᵀ (g U)`` (Km × d products, no ``d_out × d_in`` weight
+    gradient), which :class:`_GroupOperands` turns into the factors' gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, forward, bias, backward, u_token, vs_token):
         d_in, d_out = forward.shape[0], backward.shape[0]
         x2 = x.reshape(-1, d_in)
         both = x2 @ forward if bias is None else torch.addmm(bias, x2, forward)
+        y, low_rank = both.split((d_out, forward.shape[1] - d_out), dim=1)
         # x V s is copied out (tokens × Km) so that backward does not keep the whole output alive
-        ctx.save_for_backward(x2, backward, V, s, both[:, d_out:].clone())
+        ctx.save_for_backward(x2, backward, low_rank.clone())
         ctx.shapes = (x.shape, d_out, d_in)
-        return _rows_for_device(both[:, :d_out]).view(*x.shape[:-1], d_out)
+        return _rows_for_device(y).view(*x.shape[:-1], d_out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x2, backward, V, s, low_rank = ctx.saved_tensors
+        x2, backward, low_rank = ctx.saved_tensors
         x_shape, d_out, d_in = ctx.shapes
         g = grad_out.reshape(-1, d_out)
-        grad_x = grad_U = grad_s = grad_V = None
+        grad_x = grad_u = grad_vs = None
         if ctx.needs_input_grad[0]:
-            both = g @ backward  # [g W_eff | g U]
-            grad_x, g_low = _rows_for_device(both[:, :d_in]).view(x_shape), both[:, d_in:]
+            grad_x, g_low = (g @ backward).split((d_in, backward.shape[1] - d_in), dim=1)  # [g W_eff | g U]
+            grad_x = _rows_for_device(grad_x).view(x_shape)
         else:
             g_low = g @ backward[:, d_in:]
+        # The thin gradients as Km × d (the tokens' layout): (x V s)ᵀ g and (g U)ᵀ x reduce over the tokens
+        # along contiguous rows, and need one transpose each, not two.
         if ctx.needs_input_grad[4]:
-            grad_U = _thin_product(g, low_rank).to(V.dtype)  # d_out × Km
-        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
-            grad_Vs = _thin_product(x2, g_low).to(V.dtype)  # d_in × Km
-            grad_s = (grad_Vs * V).sum(0)
-            grad_V = grad_Vs * s
-        return grad_x, None, None, None, grad_U, grad_s, grad_V
+            grad_u = low_rank.T @ g  # Km × d_out
+        if ctx.needs_input_grad[5]:
+            grad_vs = g_low.T @ x2  # Km × d_in
+        return grad_x, None, None, None, grad_u, grad_vs
 
 
-def _thin_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``aᵀ b`` (d × Km), reduced over the tokens.
-
-    On CPU as ``(bᵀ a)ᵀ``: the reduction then runs along contiguous rows, faster even counting the copy
-    autograd makes of the transposed result (328 µs against 425 µs for ViT-B/16 shapes, batch 8). Elsewhere
-    directly, which the BLAS handles as well and which leaves autograd nothing to copy: on a GPU a step is
-    bound by the number of operations launched.
-    """
-    return (b.T @ a).T if a.device.type == "cpu" else a.T @ b
+def low_rank_linear(x, weight_sem, bias, U, s, V) -> torch.Tensor:
+    """The layer's function from plain tensors of one layer, differentiable in ``x`` and the factors
+    (what a layer computes; for tests and for a layer called outside its model's forward)."""
+    rows = [t.unsqueeze(0) for t in (U, s, V, weight_sem)]
+    dtype = x.dtype
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (U, s, V))
+    b = None if bias is None else bias.unsqueeze(0)
+    forward, fused_bias, backward, u_token, vs_token = group_operands(*rows, b, dtype, track)[0]
+    return _LowRankLinear.apply(x, forward, fused_bias, backward, u_token, vs_token)
 
 
 def _rows_for_device(columns: torch.Tensor) -> torch.Tensor:
@@ -307,15 +409,10 @@ def _rows_for_device(columns: torch.Tensor) -> torch.Tensor:
     return columns if columns.device.type == "cpu" else columns.contiguous()
 
 
-def _project(grad: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
-    """``(I − U_sem U_semᵀ) grad``, from the semantic basis or from its complement; batched over leading
-    dimensions (a :class:`~masm.method.LayerGroup` passes its layers stacked)."""
-    inside = basis @ (basis.mT @ grad)
-    return inside if is_complement else grad - inside
-
-
-def _overlap(Q: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
-    """``‖U_semᵀ Q‖²_F``, from the semantic basis or from its complement."""
+def overlap(Q: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
+    """``‖U_semᵀ Q‖²_F`` from the semantic basis or from its complement; batched over a leading dimension
+    of layers (one value per layer) when ``Q`` has one."""
+    dims = (-2, -1)
     if is_complement:
-        return (Q.pow(2).sum() - (basis.T @ Q).pow(2).sum()).clamp_min(0)
-    return (basis.T @ Q).pow(2).sum()
+        return (Q.pow(2).sum(dims) - (basis.mT @ Q).pow(2).sum(dims)).clamp_min(0)
+    return (basis.mT @ Q).pow(2).sum(dims)

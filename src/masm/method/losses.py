@@ -9,71 +9,67 @@ from torch import nn
 
 from .config import MASMConfig
 from .groups import layer_groups
+from .layer import overlap
 
 
-def regularizers(
-    model: nn.Module, config: MASMConfig, groups: list[list] | None = None
-) -> dict[str, torch.Tensor]:
+def regularizers(model: nn.Module, config: MASMConfig, groups: list | None = None) -> dict[str, torch.Tensor]:
     """Layer-averaged ``orth``, ``guard`` and ``spec`` terms (unweighted). Terms whose weight is 0 are not
     computed; ``guard`` exists only for layers with ``semantic_guard: penalty``.
 
     Per layer: ``orth = (‖Q_Uᵀ Q_U − I‖² + ‖Q_Vᵀ Q_V − I‖²) / (K·m)``, ``guard = (‖U_gᵀ Q_U‖² + ‖V_gᵀ Q_V‖²)
     / (K·m)`` (normalised as ``orth``, which held it before it had its own weight), ``spec`` as
-    :meth:`~masm.method.MASMLinear.spectral_loss`. Layers of equal shape are stacked and handled by batched
-    matmuls / Cholesky / SVD, so ViT-L/14's 96 layers cost a few kernel launches instead of hundreds.
-    ``groups``: from :func:`layer_groups` (default: computed here).
+    :meth:`~masm.method.MASMLinear.spectral_loss`. Each term is computed on a
+    :class:`~masm.method.LayerGroup`'s stacked tensors by batched matmuls / Cholesky / SVD, so ViT-L/14's 96
+    layers cost a few operations instead of hundreds. ``groups``: from :func:`layer_groups` (default:
+    found here).
     """
     groups = layer_groups(model) if groups is None else groups
-    layers = [layer for group in groups for layer in group]
     terms: dict[str, torch.Tensor] = {}
-    if not layers:
+    if not groups:
         return terms
+    # Per group, the Km×Km Gram matrices of U and V once: L_orth reads them whole, the artifact spectrum
+    # their m×m diagonal blocks (one per subspace).
     spectral_batched = config.lambda_spec and config.spectral_mode == "artifact"
-    # Per shape group, the Km×Km Gram matrices of U and V once: L_orth reads them whole, the artifact
-    # spectrum their m×m diagonal blocks (one per subspace).
-    grams = [_grams(group) for group in groups] if config.lambda_orth or spectral_batched else []
+    grams = [(g.U.mT @ g.U, g.V.mT @ g.V) for g in groups] if config.lambda_orth or spectral_batched else []
     if config.lambda_orth:
-        terms["orth"] = torch.cat([_orthogonality(gu, gv) for gu, gv in grams]).mean()
-    penalised = [group for group in groups if group[0].semantic_guard == "penalty"]
+        terms["orth"] = _mean([_orthogonality(gu, gv) for gu, gv in grams])
+    penalised = [group for group in groups if group.semantic_guard == "penalty"]
     if config.lambda_guard and penalised:
-        terms["guard"] = torch.cat([_guard_penalty(group) for group in penalised]).mean()
+        terms["guard"] = _mean([_guard_penalty(group) for group in penalised])
     if config.lambda_spec:
         if spectral_batched:
-            terms["spec"] = torch.cat(
-                [_artifact_spectrum(g, gu, gv) for g, (gu, gv) in zip(groups, grams)]
-            ).mean()
+            terms["spec"] = _mean([_artifact_spectrum(g, gu, gv) for g, (gu, gv) in zip(groups, grams)])
+        elif config.spectral_mode == "energy":
+            terms["spec"] = _mean([_energy_drift(group) for group in groups])
         else:
-            terms["spec"] = torch.stack(
-                [layer.spectral_loss(config.spectral_mode) for layer in layers]
-            ).mean()
+            raise ValueError(f"unknown spectral mode {config.spectral_mode!r}")
     return terms
 
 
-def _grams(layers: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """``UᵀU`` and ``VᵀV`` of same-shape layers, stacked: L × Km × Km each."""
-    U = torch.stack([layer.U for layer in layers])
-    V = torch.stack([layer.V for layer in layers])
-    return U.mT @ U, V.mT @ V
+def _mean(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    return per_layer[0].mean() if len(per_layer) == 1 else torch.cat(per_layer).mean()
 
 
 def _orthogonality(gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
-    """Per-layer orthogonality loss of same-shape layers, from their Gram matrices."""
+    """Per-layer orthogonality loss of a group, from its Gram matrices."""
     eye = torch.eye(gram_u.shape[-1], device=gram_u.device, dtype=gram_u.dtype)
     loss = (gram_u - eye).pow(2).sum((1, 2)) + (gram_v - eye).pow(2).sum((1, 2))
     return loss / gram_u.shape[-1]
 
 
-def _guard_penalty(layers: list) -> torch.Tensor:
-    """Per-layer guard penalty of same-shape layers, over K·m. The guarded bases differ per layer and are
-    big (d × r_g): one product per layer rather than a stacked copy of them."""
-    overlap = torch.stack([layer.semantic_overlap(layer.U, layer.V) for layer in layers])
-    return overlap / layers[0].U.shape[1]
+def _guard_penalty(group) -> torch.Tensor:
+    """Per-layer guard penalty of a group, over K·m."""
+    lay = group.layout
+    both = overlap(group.U, group.U_basis, lay["u_complement"]) + overlap(
+        group.V, group.V_basis, lay["v_complement"]
+    )
+    return both / group.U.shape[-1]
 
 
-def _artifact_spectrum(layers: list, gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
-    """Per-layer artifact spectral loss of same-shape layers, batched over layers and subspaces."""
-    K, m = layers[0].num_subspaces, layers[0].subspace_rank
-    s = torch.stack([layer.s for layer in layers]).view(-1, m)  # (L·K) × m
+def _artifact_spectrum(group, gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
+    """Per-layer artifact spectral loss of a group, batched over layers and subspaces."""
+    K, m = group.num_subspaces, group.subspace_rank
+    s = group.s.reshape(-1, m)  # (L·K) × m
 
     def blocks(gram):  # the K diagonal m×m blocks of each layer's Gram: U_kᵀ U_k, as (L·K) × m × m
         return (
@@ -86,11 +82,18 @@ def _artifact_spectrum(layers: list, gram_u: torch.Tensor, gram_v: torch.Tensor)
     # a QR of the tall d×m factor (one fused call on GPU rather than one per matrix).
     r_u = torch.linalg.cholesky_ex(blocks(gram_u)).L.mT
     r_v = torch.linalg.cholesky_ex(blocks(gram_v)).L.mT
-    sigma = torch.linalg.svdvals((r_u * s[:, None, :]) @ r_v.mT)
-    sigma0 = torch.stack([layer.sigma0 for layer in layers])  # L × K × m
-    sigma = sigma.view_as(sigma0)
-    energy0 = torch.stack([layer.energy0 for layer in layers])
-    return (sigma - sigma0).pow(2).sum((1, 2)) / energy0
+    sigma = torch.linalg.svdvals((r_u * s[:, None, :]) @ r_v.mT).view_as(group.sigma0)
+    return (sigma - group.sigma0).pow(2).sum((1, 2)) / group.energy0
+
+
+def _energy_drift(group) -> torch.Tensor:
+    """Per-layer ``|‖W‖² − ‖W⁰‖²| / ‖W⁰‖²`` of a group (Effort's spectral term), from the factors:
+    ``‖W_sem + U diag(s) Vᵀ‖² = ‖W_sem‖² + 2 Σ_j s_j u_jᵀ W_sem v_j + Σ_ij s_i s_j (UᵀU)_ij (VᵀV)_ij``."""
+    U, s, V = group.U, group.s, group.V
+    cross = (((group.weight_sem.float() @ V) * U).sum(1) * s).sum(1)
+    artifact = ((U.mT @ U) * (V.mT @ V) * s[:, :, None] * s[:, None, :]).sum((1, 2))
+    energy = group.energy_sem + 2 * cross + artifact
+    return (energy - group.energy0).abs() / group.energy0
 
 
 def total_loss(

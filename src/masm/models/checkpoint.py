@@ -177,9 +177,8 @@ def load_extra_tensors(directory: str | Path, stem: str) -> dict[str, torch.Tens
 def _adapter_state(detector: Detector) -> dict[str, torch.Tensor]:
     """Trainable tensors and the head, under canonical names (the same under transformers 4 and 5)."""
     return {
-        canonical_key(name): p.detach().cpu().contiguous()
-        for name, p in detector.named_parameters()
-        if p.requires_grad or name.startswith("head.")
+        canonical_key(name): tensor.detach().cpu().clone()  # a clone: rows of a group share storage
+        for name, tensor in detector.trainable_state().items()
     }
 
 

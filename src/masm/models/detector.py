@@ -96,6 +96,18 @@ class Detector(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor and the head's, under its checkpoint name (what a checkpoint saves).
+
+        A MASM layer's factors are listed under the layer's own name (``….q_proj.U``), as rows of its
+        group's Parameters, where :meth:`trainable_parameters` has the groups' stacked tensors.
+        """
+        return {
+            name: tensor
+            for name, tensor in self.state_dict(keep_vars=True).items()
+            if tensor.requires_grad or name.startswith("head.")
+        }
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 

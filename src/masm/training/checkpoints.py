@@ -133,7 +133,7 @@ def _load_model(detector: Detector, last: Path) -> None:
     missing, unexpected = detector.load_state_dict(weights, strict=False)
     if unexpected:
         raise CheckpointError(f"{last}: unexpected tensor {unexpected[0]!r} for this model")
-    trainable = {name for name, p in detector.named_parameters() if p.requires_grad}
+    trainable = {name for name, tensor in detector.trainable_state().items() if tensor.requires_grad}
     missing_trainable = [name for name in missing if name in trainable]
     if missing_trainable:
         raise CheckpointError(

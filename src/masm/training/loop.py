@@ -1,9 +1,10 @@
 """The training loop: micro-batches, gradient accumulation, the optimizer step, and when to log, validate
 and save.
 
-Per optimizer step the loop waits for the device once: one all-reduce carries whether a loss or gradient
-of the step is not finite and how many samples loaded or failed on every rank, so every rank takes the
-same decision (step, skip a step whose every sample failed, or stop).
+A steady-state step never waits for the device: whether the step may update anything (its loss and
+gradients finite on every rank, a sample on some rank) is a device flag that the fused optimizer, the mask
+and the guard obey (:mod:`.health`); under DDP one all-reduce carries it and the sample counts. The host
+reads it only at check points: log steps, validations, checkpoints and the end of the run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import MasmError
 from ..method import subspace_update, total_loss
 from ..precision import autocast_for
 from . import distributed as dist_utils
@@ -55,13 +55,16 @@ def fit(run: Run) -> None:
             run.progress.step_in_epoch += 1
             bar.update(1)
             if run.progress.global_step % cfg.log_every == 0:  # on every rank: the log all-reduces
+                run.health.check(run)
                 loss = _flush_log(run, sums, count, lr, started)
                 if loss is not None:
                     bar.set_postfix(loss=f"{loss:.4f}")
                 sums, count = {}, 0
             if cfg.eval_unit == "step" and cfg.eval_every and run.progress.global_step % cfg.eval_every == 0:
+                run.health.check(run)
                 run.validate()
             if cfg.checkpoint_every and run.progress.global_step % cfg.checkpoint_every == 0:
+                run.health.check(run)
                 run.save_last()
             if run.on_step is not None:
                 run.on_step(run.progress)
@@ -72,9 +75,11 @@ def fit(run: Run) -> None:
             break
         run.progress.epoch += 1
         run.progress.step_in_epoch = 0
+        run.health.check(run)
         if cfg.eval_unit == "epoch" and cfg.eval_every and run.progress.epoch % cfg.eval_every == 0:
             run.validate()
         run.save_last()
+    run.health.check(run)
     if run.progress.global_step % cfg.log_every:  # steps since the last record
         _flush_log(run, sums, count, lr, started)
 
@@ -88,7 +93,7 @@ def _micro_step(run: Run, batch: dict, sync: bool, group_size: int) -> dict[str,
 
     Under DDP a micro-batch whose every sample failed still runs a forward and backward (one blank frame,
     its output weighted 0), so that every rank joins the same gradient all-reduce with a zero
-    contribution; the step is skipped on every rank when no rank had a sample (:func:`_step_flags`).
+    contribution; the step is skipped on every rank when no rank had a sample (:mod:`.health`).
     Nothing here waits for the device.
     """
     env, cfg = run.env, run.config
@@ -115,45 +120,22 @@ def _micro_step(run: Run, batch: dict, sync: bool, group_size: int) -> dict[str,
     return terms
 
 
-def _step_flags(run: Run) -> tuple[bool, bool, int]:
-    """``(loss not finite, gradient not finite, samples of the step)`` over all ranks; counts failures.
-
-    One all-reduce and one host sync per optimizer step, before the mask and the optimizer see the
-    gradients, so neither Adam's moments nor the mask's running averages are ever poisoned.
-    """
-    env = run.env
-    losses = [t["total"] for t in run.group_terms]
-    zero = torch.zeros((), device=env.device)
-    bad_loss = (~torch.stack(losses).isfinite().all()).float() if losses else zero
-    grads = [p.grad for p in run.detector.trainable_parameters() if p.grad is not None]
-    bad_grad = (
-        (~torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()).float() if grads else zero
-    )
-    ok, failed = run.failures.take_pending()
-    flags = torch.stack([bad_loss, bad_grad, zero + ok, zero + failed]).double()
-    if env.distributed:
-        torch.distributed.all_reduce(flags)
-    bad_loss_n, bad_grad_n, ok_n, failed_n = flags.tolist()
-    run.failures.add_step(int(ok_n), int(failed_n))
-    return bad_loss_n > 0, bad_grad_n > 0, int(ok_n)
-
-
 def _optimizer_step(run: Run) -> float:
-    bad_loss, bad_grad, samples = _step_flags(run)
-    terms, run.group_terms = run.group_terms, []
-    if bad_loss or bad_grad:
-        _raise_not_finite(run, terms, bad_loss)
-    if run.failures.exceeded():
-        first = [f for rank in dist_utils.gather_objects(run.env, run.failures.first) for f in rank]
-        raise run.failures.error(first)
+    samples_here = run.failures.pending_ok  # this rank's; alone, the step's
+    skip = run.health.decide(run)
+    run.group_terms = []
     lr = lr_at(run.progress.global_step, run.config, run.plan.total_steps)
-    if samples == 0:  # every sample of the step failed, on every rank: nothing to learn from
-        run.optimizer.zero_grad(set_to_none=True)
-        return lr
+    if not run.env.distributed:
+        if run.failures.exceeded():
+            raise run.failures.error(run.failures.first)
+        if samples_here == 0:  # every sample of the step failed: nothing to learn from
+            run.optimizer.zero_grad(set_to_none=True)
+            return lr
     set_lr(run.optimizer, lr)
+    run.optimizer.found_inf = skip.float()  # the fused optimizer skips the update on the device
     # gradients are DDP-averaged here. The guard projects them; the mask sets paused subspaces aside and
     # puts them back after the step; the guard holds exactly after Adam and weight decay.
-    with subspace_update(run.detector, run.optimizer, run.controller, run.layer_groups):
+    with subspace_update(run.detector, run.optimizer, run.controller, run.layer_groups, skip=skip):
         if run.config.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
                 run.detector.trainable_parameters(), run.config.optim.max_grad_norm
@@ -161,27 +143,6 @@ def _optimizer_step(run: Run) -> float:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return lr
-
-
-def _raise_not_finite(run: Run, terms: list[dict[str, torch.Tensor]], bad_loss: bool) -> None:
-    where = f"at step {run.progress.global_step + 1} (epoch {run.progress.epoch + 1})"
-    last = run.checkpoints.last_dir if run.checkpoints.saved_last else "none (no checkpoint was saved yet)"
-    if bad_loss:
-        bad = [t for t in terms if not torch.isfinite(t["total"])]
-        detail = {k: float(v) for k, v in bad[0].items()} if bad else "on another rank"
-        raise MasmError(f"loss is not finite {where}: {detail}; last good checkpoint: {last}")
-    names = [
-        name
-        for name, p in run.detector.named_parameters()
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-    ]
-    raise MasmError(
-        f"gradient is not finite {where} although the loss is finite: parameter "
-        f"{names[0] if names else '(on another rank)'!r}"
-        + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-        + "; the step was refused (optimizer and mask state unchanged); lower optim.lr or use "
-        f"precision: fp32; last good checkpoint: {last}"
-    )
 
 
 def _flush_log(

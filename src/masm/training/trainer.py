@@ -46,6 +46,7 @@ from .checkpoints import RunCheckpoints, truncate_jsonl
 from .config import TrainConfig, config_to_dict
 from .data import DataArg, RunData, build_train_loader, open_run_data, record_in_memory_data
 from .failures import FailureLedger
+from .health import StepHealth
 from .layer_selection import needs_selection, select_layers
 from .loop import fit
 from .optim import optimizer_for
@@ -124,6 +125,10 @@ class Run:
                 self.detector, self.masm_cfg.mask, self.out / "masks.jsonl"
             )
         self.optimizer = optimizer_for(cfg, self.detector.trainable_parameters())
+        if self.controller is not None:
+            self.controller.check_optimizer(self.optimizer)
+        self.named_trainable = [(n, p) for n, p in self.detector.named_parameters() if p.requires_grad]
+        self.health = StepHealth(env.device, env.distributed)
         self.model: torch.nn.Module = self.detector
         if env.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -247,10 +252,9 @@ class Run:
 
 def parameter_hash(detector: torch.nn.Module) -> str:
     digest = hashlib.sha256()
-    for name, p in sorted(detector.named_parameters()):
-        if p.requires_grad or name.startswith("head."):
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    for name, tensor in sorted(detector.trainable_state().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

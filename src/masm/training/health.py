@@ -1,0 +1,113 @@
+"""Whether an optimizer step may update anything, decided on the device, and read on the host only at
+check points.
+
+A step whose loss or gradient is not finite (on any rank) must change nothing: not the weights, not the
+optimizer's moments, not the mask's running averages. Asking the host every step costs a device sync per
+step, which stalls a GPU's queue. So the decision stays a device flag, handed to the fused optimizer
+(``found_inf``: it skips the update and its step count), to the mask and to the guard. The flag is sticky:
+after a non-finite step every later step is skipped too, so the state stays that of the last good step
+until the host looks, at the next check point (a log step, a validation, a checkpoint, the end), and stops
+the run with the first bad step named. The values that name it (loss terms, gradient norms) are kept by
+reference until then: no copy, no operation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import MasmError
+from . import distributed as dist_utils
+
+if TYPE_CHECKING:
+    from .trainer import Run
+
+
+@dataclass
+class _StepRecord:
+    step: int  # 1-based optimizer step
+    epoch: int  # 1-based
+    terms: list[dict[str, torch.Tensor]]
+    grad_names: list[str]
+    grad_norms: torch.Tensor | None
+
+
+class StepHealth:
+    def __init__(self, device: torch.device, distributed: bool):
+        self.distributed = distributed
+        self.poisoned = torch.zeros((), dtype=torch.bool, device=device)
+        self.records: list[_StepRecord] = []
+        self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # (ok, failed) over ranks, DDP
+
+    def decide(self, run: Run) -> torch.Tensor:
+        """The skip flag of the step about to be taken (a device tensor); counts this rank's samples."""
+        device = self.poisoned.device
+        losses = [t["total"] for t in run.group_terms]
+        named = [(n, p.grad) for n, p in run.named_trainable if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm([g for _, g in named], float("inf"))) if named else None
+        false = torch.zeros((), dtype=torch.bool, device=device)
+        bad_loss = ~torch.stack(losses).isfinite().all() if losses else false
+        bad_grad = ~norms.isfinite().all() if norms is not None else false
+        ok, failed = run.failures.take_pending()
+        empty = None
+        if self.distributed:  # one all-reduce, no host read: the ranks agree on the device
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            flags = torch.stack([bad_loss.double(), bad_grad.double(), zero + ok, zero + failed])
+            torch.distributed.all_reduce(flags)
+            bad_loss, bad_grad = flags[0] > 0, flags[1] > 0
+            empty = flags[2] == 0
+            self.counts += flags[2:]
+        else:
+            run.failures.add_step(ok, failed)
+        progress = run.progress
+        names = [n for n, _ in named]
+        self.records.append(
+            _StepRecord(progress.global_step + 1, progress.epoch + 1, list(run.group_terms), names, norms)
+        )
+        bad = bad_loss | bad_grad
+        skip = self.poisoned | bad
+        if empty is not None:
+            skip = skip | empty
+        self.poisoned = self.poisoned | bad
+        return skip
+
+    def check(self, run: Run) -> None:
+        """At a check point: stop the run if a step was not finite (naming the first), or if too many
+        samples failed (under DDP, where the counts live on the device until now)."""
+        records, self.records = self.records, []
+        if self.distributed:
+            ok, failed = (int(v) for v in self.counts.tolist())
+            self.counts.zero_()
+            run.failures.add_step(ok, failed)
+        if bool(self.poisoned):
+            _raise_not_finite(run, records)
+        if self.distributed and run.failures.exceeded():
+            first = [f for rank in dist_utils.gather_objects(run.env, run.failures.first) for f in rank]
+            raise run.failures.error(first)
+
+
+def _raise_not_finite(run: Run, records: list[_StepRecord]) -> None:
+    last = run.checkpoints.last_dir if run.checkpoints.saved_last else "none (no checkpoint was saved yet)"
+    for record in records:
+        where = f"at step {record.step} (epoch {record.epoch})"
+        bad_terms = [t for t in record.terms if not torch.isfinite(t["total"])]
+        if bad_terms:
+            detail = {k: float(v) for k, v in bad_terms[0].items()}
+            raise MasmError(f"loss is not finite {where}: {detail}; last good checkpoint: {last}")
+        if record.grad_norms is not None and not bool(record.grad_norms.isfinite().all()):
+            bad = [n for n, ok in zip(record.grad_names, record.grad_norms.isfinite().tolist()) if not ok]
+            _raise_bad_gradient(where, bad, last)
+    # the bad step was on another rank: its values are not here
+    where = f"at step {records[0].step if records else '?'} or later"
+    raise MasmError(f"loss or gradient is not finite on another rank {where}; last good checkpoint: {last}")
+
+
+def _raise_bad_gradient(where: str, names: list[str], last) -> None:
+    raise MasmError(
+        f"gradient is not finite {where} although the loss is finite: parameter {names[0]!r}"
+        + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        + "; the step was refused (weights, optimizer and mask state as before it) and the run stopped; "
+        f"lower optim.lr or use precision: fp32; last good checkpoint: {last}"
+    )
