@@ -81,10 +81,15 @@ def test_effort_on_vit_l14_has_effort_parameter_count_without_weights():
 def test_semantic_part_is_a_buffer_and_the_original_weight_is_not_kept():
     model = apply_masm(load_backbone("tiny-clip"), MASMConfig(num_subspaces=2, subspace_rank=2))
     layer = masm_layers(model)[0][1]
-    buffers = dict(layer.named_buffers())
-    assert "weight_sem" in buffers and not layer.weight_sem.requires_grad
-    assert "weight" not in dict(layer.named_parameters()) and "weight" not in buffers
-    assert [n for n, _ in layer.named_parameters()] == ["U", "s", "V"]  # the K=2 subspaces side by side
+    (group,) = model.masm_groups.groups  # every attention projection of tiny-clip has one shape
+    assert "weight_sem" in dict(group.named_buffers()) and not layer.weight_sem.requires_grad
+    assert [n for n, _ in group.named_parameters()] == ["U", "s", "V"]  # the K=2 subspaces side by side
+    assert group.U.shape == (len(masm_layers(model)), 64, 4) and layer.U.shape == (64, 4)
+    assert layer.U.data_ptr() == group.U[layer.index].data_ptr()  # a row of the group, not a copy
+    # the checkpoint names are the layer's own, and the original weight is not kept
+    keys = list(layer.state_dict())
+    assert keys[:5] == ["weight_sem", "bias", "U", "s", "V"] and "weight" not in keys
+    assert not any("masm_groups" in k for k in model.state_dict())
 
 
 def test_state_dict_round_trips_and_per_subspace_keys_of_older_checkpoints_load():
@@ -92,7 +97,7 @@ def test_state_dict_round_trips_and_per_subspace_keys_of_older_checkpoints_load(
     layer = masm_layers(model)[0][1]
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in (layer.U, layer.s, layer.V):
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(3, 64)
     expected = layer(x)
@@ -163,7 +168,7 @@ def test_layer_forward_matches_materialised_weight():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_hand_written_backward_matches_autograd_of_the_formula(bias):
-    from masm.method.layer import _LowRankLinear, fuse
+    from masm.method.layer import low_rank_linear
 
     torch.manual_seed(0)
     d_in, d_out, r = 7, 5, 3
@@ -175,10 +180,8 @@ def test_hand_written_backward_matches_autograd_of_the_formula(bias):
     s = torch.rand(r, dtype=f64, requires_grad=True)
     V = torch.randn(d_in, r, dtype=f64, requires_grad=True)
 
-    def layer(x_, U_, s_, V_):  # the layer rebuilds its operands whenever a factor changed
-        with torch.no_grad():
-            operands = fuse(weight, b, U_, s_, V_, f64)
-        return _LowRankLinear.apply(x_, *operands, U_, s_, V_)
+    def layer(x_, U_, s_, V_):  # operands built from the factors, the gradients through the tokens
+        return low_rank_linear(x_, weight, b, U_, s_, V_)
 
     assert torch.autograd.gradcheck(lambda *a: layer(x, *a), (U, s, V))
     assert torch.autograd.gradcheck(lambda x_: layer(x_, U, s, V), (x,))
@@ -186,20 +189,70 @@ def test_hand_written_backward_matches_autograd_of_the_formula(bias):
     assert torch.allclose(layer(x, U, s, V), reference)
 
 
-def test_operands_are_rebuilt_when_a_factor_or_buffer_changes_and_not_otherwise():
-    layer, base = _layer()
-    x = torch.randn(4, 20)
-    layer(x)
-    cached = layer._fused[1]
-    layer(x)
-    assert layer._fused[1] is cached  # unchanged factors: no rebuild (gradient accumulation, eval)
+def _reference_output(model, x):
+    """What the model computes with every MASM layer merged into a plain Linear (a copy)."""
     with torch.no_grad():
-        layer.s.mul_(2)  # what an optimizer step does
-    assert torch.allclose(layer(x), x @ layer.merged_weight().T + layer.bias, atol=1e-6)
+        return merge_masm(copy.deepcopy(model))(pixel_values=x).pooler_output
+
+
+def _trained_tiny_model(seed=0):
+    model = apply_masm(load_backbone("tiny-clip"), MASMConfig(num_subspaces=2, subspace_rank=2))
+    torch.manual_seed(seed)
     with torch.no_grad():
-        layer.weight_sem.zero_()  # e.g. load_state_dict
-    assert torch.allclose(layer(x), x @ layer.merged_weight().T + layer.bias, atol=1e-6)
-    assert copy.deepcopy(layer)._fused is None
+        for p in model.masm_groups.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_every_forward_reads_the_current_factors_whatever_changed_them():
+    model, x = _trained_tiny_model(), _pixels()
+    (group,) = model.masm_groups.groups
+    layer = masm_layers(model)[0][1]
+
+    def check(what):
+        got = model(pixel_values=x).pooler_output
+        torch.testing.assert_close(got, _reference_output(model, x), atol=1e-5, rtol=1e-5, msg=what)
+        single = torch.randn(3, 64)  # a layer called on its own, outside its model's forward
+        torch.testing.assert_close(
+            layer(single), single @ layer.merged_weight().T + layer.bias, atol=1e-5, rtol=1e-5, msg=what
+        )
+
+    check("as built")
+    optimizer = torch.optim.Adam(model.masm_groups.parameters(), lr=1e-2, fused=True)
+    model(pixel_values=x).pooler_output.pow(2).sum().backward()
+    optimizer.step()
+    check("after an optimizer step")
+    group.U.data.mul_(1.5)  # .data writes keep the version counter: a version-keyed cache missed them
+    group.s.data = group.s.data * 0.5
+    check("after .data writes")
+    state = _trained_tiny_model(seed=1).state_dict()
+    model.load_state_dict(state)
+    assert torch.equal(layer.U, state["encoder.layers.0.self_attn.q_proj.U"])
+    check("after load_state_dict")
+    with torch.no_grad():
+        layer.weight_sem.mul_(0.9)  # a frozen buffer written through the layer's row
+    check("after a buffer write")
+
+
+def test_a_first_forward_under_inference_mode_leaves_training_working():
+    model, x = _trained_tiny_model(), _pixels()
+    with torch.inference_mode():
+        evaluated = model(pixel_values=x).pooler_output
+    out = model(pixel_values=x).pooler_output  # "Inference tensors cannot be saved for backward" before
+    out.pow(2).sum().backward()
+    assert model.masm_groups.groups[0].U.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), evaluated, atol=1e-6, rtol=1e-6)
+
+
+def test_merge_computes_what_the_layers_compute_and_leaves_no_hooks():
+    model, x = _trained_tiny_model(), _pixels()
+    expected = model(pixel_values=x).pooler_output.detach()
+    merged = merge_masm(copy.deepcopy(model))
+    assert not masm_layers(merged) and not hasattr(merged, "masm_groups")
+    assert not merged._forward_pre_hooks and not merged._forward_hooks
+    torch.testing.assert_close(merged(pixel_values=x).pooler_output, expected, atol=1e-5, rtol=1e-5)
+    assert model._forward_pre_hooks  # the copy's merge took nothing from the original
+    torch.testing.assert_close(model(pixel_values=x).pooler_output, expected, atol=0, rtol=0)
 
 
 def test_bf16_autocast_runs_the_hand_written_backward_and_matches_fp32(monkeypatch):
@@ -369,16 +422,16 @@ def test_project_mode_keeps_gradients_orthogonal_to_the_semantic_subspace():
     U_sem, V_sem = _semantic_bases(base, layer.guard_rank)
     x = torch.randn(7, 20)
     layer(x).pow(2).sum().backward()
-    raw_u, raw_v = layer.U.grad.clone(), layer.V.grad.clone()
+    raw_u, raw_v = layer.grad("U").clone(), layer.grad("V").clone()
     (group,) = layer_groups([layer])
     group.project_gradients_()
-    assert torch.allclose(layer.U.grad, _projection_reference(raw_u, U_sem), atol=1e-6)
-    assert torch.allclose(layer.V.grad, _projection_reference(raw_v, V_sem), atol=1e-6)
-    assert (U_sem.T @ layer.U.grad).abs().max().item() <= 1e-6
-    assert (V_sem.T @ layer.V.grad).abs().max().item() <= 1e-6
+    assert torch.allclose(layer.grad("U"), _projection_reference(raw_u, U_sem), atol=1e-6)
+    assert torch.allclose(layer.grad("V"), _projection_reference(raw_v, V_sem), atol=1e-6)
+    assert (U_sem.T @ layer.grad("U")).abs().max().item() <= 1e-6
+    assert (V_sem.T @ layer.grad("V")).abs().max().item() <= 1e-6
     # the reference tells the complement from the guarded span (a projection onto the wrong one fails)
-    assert not torch.allclose(layer.U.grad, U_sem @ (U_sem.T @ raw_u), atol=1e-3)
-    assert layer.U.grad.abs().max().item() > 0
+    assert not torch.allclose(layer.grad("U"), U_sem @ (U_sem.T @ raw_u), atol=1e-3)
+    assert layer.grad("U").abs().max().item() > 0
 
 
 def _square_layer(guard, guard_rank=0.5, seed=0):
@@ -429,7 +482,8 @@ def test_project_guard_holds_exactly_after_300_adamw_steps_with_weight_decay():
 def test_deep_copy_keeps_the_guard():
     layer, base = _square_layer("project")
     clone = copy.deepcopy(layer)
-    assert clone.U_basis is not layer.U_basis and torch.equal(clone.U_basis, layer.U_basis)
+    assert clone.group is not layer.group and clone.U_basis.data_ptr() != layer.U_basis.data_ptr()
+    assert torch.equal(clone.U_basis, layer.U_basis)
     _train_steps(clone, steps=50)
     assert _overlap_fraction(clone, base) <= 1e-5
     # and a copy computes what the original computes, through operands built from its own tensors
@@ -437,7 +491,7 @@ def test_deep_copy_keeps_the_guard():
     fresh, _ = _square_layer("project")
     fresh(x)
     twin = copy.deepcopy(fresh)
-    assert torch.equal(twin(x), fresh(x)) and twin._fused[1] is not fresh._fused[1]
+    assert torch.equal(twin(x), fresh(x))
 
 
 def test_with_r_g_below_r_the_learned_change_leaves_the_initial_residual_span():
@@ -516,7 +570,7 @@ def test_off_cpu_the_layer_passes_contiguous_rows_to_the_next_operation():
     """CUDA's attention kernels reject the fused product's strided columns (seen on an H100: "query is not
     correctly aligned", and cuDNN's attention backward failing); off CPU the layer's output and its input
     gradient are contiguous. The meta device stands in for CUDA: same code path, shapes and strides only."""
-    from masm.method.layer import _LowRankLinear, fuse
+    from masm.method.layer import low_rank_linear
 
     d_in, d_out, km = 6, 5, 3
     for device, contiguous in (("cpu", False), ("meta", True)):
@@ -524,16 +578,8 @@ def test_off_cpu_the_layer_passes_contiguous_rows_to_the_next_operation():
         U = torch.randn(d_out, km, device=device, requires_grad=True)
         s = torch.rand(km, device=device, requires_grad=True)
         V = torch.randn(d_in, km, device=device, requires_grad=True)
-        with torch.no_grad():
-            operands = fuse(
-                torch.randn(d_out, d_in, device=device),
-                torch.randn(d_out, device=device),
-                U,
-                s,
-                V,
-                torch.float32,
-            )
-        out = _LowRankLinear.apply(x, *operands, U, s, V)
+        weight, bias = torch.randn(d_out, d_in, device=device), torch.randn(d_out, device=device)
+        out = low_rank_linear(x, weight, bias, U, s, V)
         (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
         assert out.shape == (2, 4, d_out) and grad_x.shape == x.shape
         assert out.is_contiguous() == contiguous, device
@@ -542,8 +588,9 @@ def test_off_cpu_the_layer_passes_contiguous_rows_to_the_next_operation():
 
 # a rectangular layer (bases stored), and a square one guarding most directions (complements stored)
 @pytest.mark.parametrize("shape, guard_rank", [((20, 12), 0.5), ((64, 64), 0.75)])
-def test_group_guard_equals_the_plain_projection_and_skips_layers_without_gradients(shape, guard_rank):
+def test_group_guard_equals_the_plain_projection_of_every_layer(shape, guard_rank):
     from masm.method import LayerGroup, project_gradients, reproject_guarded
+    from masm.method.apply import group_layers
 
     d_in, d_out = shape
     config = MASMConfig(num_subspaces=2, subspace_rank=2, semantic_guard="project", guard_rank=guard_rank)
@@ -554,26 +601,26 @@ def test_group_guard_equals_the_plain_projection_and_skips_layers_without_gradie
         layers.append(MASMLinear(base, decomposition.decompose(base.weight, "float64", False), config))
         bases.append(_semantic_bases(base, layers[-1].guard_rank))
     model = nn.Sequential(*layers)
+    group_layers(model, layers)
     (group,) = layer_groups(model)
-    assert isinstance(group, LayerGroup) and list(group) == layers
+    assert isinstance(group, LayerGroup) and len(group) == 3 and [la.index for la in layers] == [0, 1, 2]
     assert layers[0].u_complement == (d_in == d_out)  # both ways of storing the basis are exercised
     x = torch.randn(5, d_in)
-    for layer in layers[:2]:  # layer 2 takes no part: no gradient, and it must stay as it is
-        layer(x).pow(2).sum().backward()
-    raw = [(layer.U.grad.clone(), layer.V.grad.clone()) for layer in layers[:2]]
+    model(x).pow(2).sum().backward()
+    raw = [(layer.grad("U").clone(), layer.grad("V").clone()) for layer in layers]
     project_gradients(model, [group])
-    assert layers[2].U.grad is None and layers[2].V.grad is None
     for layer, (U_g, V_g), (grad_u, grad_v) in zip(layers, bases, raw):
-        assert torch.allclose(layer.U.grad, _projection_reference(grad_u, U_g), atol=1e-6)
-        assert torch.allclose(layer.V.grad, _projection_reference(grad_v, V_g), atol=1e-6)
+        assert torch.allclose(layer.grad("U"), _projection_reference(grad_u, U_g), atol=1e-6)
+        assert torch.allclose(layer.grad("V"), _projection_reference(grad_v, V_g), atol=1e-6)
     with torch.no_grad():
         for layer in layers:
             layer.U.add_(0.05)  # leave the complement, as Adam's scaling does
             layer.V.add_(0.05)
     moved = [(layer.U.detach().clone(), layer.V.detach().clone()) for layer in layers]
+    reproject_guarded(model, [group], skip=torch.tensor(True))  # a refused step: nothing moves
+    assert all(torch.equal(la.U, U) and torch.equal(la.V, V) for la, (U, V) in zip(layers, moved))
     reproject_guarded(model, [group])
-    assert torch.equal(layers[2].U, moved[2][0]) and torch.equal(layers[2].V, moved[2][1])
-    for layer, (U_g, V_g), (U, V) in zip(layers[:2], bases, moved):
+    for layer, (U_g, V_g), (U, V) in zip(layers, bases, moved):
         assert _overlap_reference(U, V, U_g, V_g).item() > 1e-3  # there was something to remove
         assert torch.allclose(layer.U, _projection_reference(U, U_g), atol=1e-6)
         assert torch.allclose(layer.V, _projection_reference(V, V_g), atol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from masm import MaskConfig, MASMConfig, SelectiveMaskController, apply_masm
+from masm.errors import ConfigError
 from masm.method import subspace_update
 from masm.models import load_backbone
 
@@ -19,13 +20,15 @@ def _model(K=2, m=2):
 
 def _set_grads(controller, fn):
     """Give every subspace's factors the gradient fn(layer_index, k, shape of the factor's columns)."""
-    for i, (_, layer) in enumerate(controller.layers):
-        for p in (layer.U, layer.s, layer.V):
+    for group in controller.groups:
+        for p in (group.U, group.s, group.V):
             p.grad = torch.zeros_like(p)
+    for i, (_, layer) in enumerate(controller.layers):
         for k in range(controller.num_subspaces):
             cols = layer.subspace_columns(k)
-            for p in (layer.U, layer.s, layer.V):
-                p.grad[..., cols] = fn(i, k, p[..., cols].shape)
+            for name in ("U", "s", "V"):
+                row = layer.grad(name)  # the layer's row of its group's gradient
+                row[..., cols] = fn(i, k, row[..., cols].shape)
 
 
 def test_learning_state_matches_the_formula_on_synthetic_gradients():
@@ -124,10 +127,22 @@ def test_mask_is_recomputed_after_warmup_at_each_interval(tmp_path):
 def test_a_partly_paused_layer_needs_the_optimizer():
     controller = SelectiveMaskController(_model(), MaskConfig(warmup=0, interval=1000))
     _set_grads(controller, lambda i, k, s: torch.randn(s))
-    controller.mask[:] = True
-    controller.mask[0, 0] = False
+    mask = torch.ones(16, 2, dtype=torch.bool)
+    mask[0, 0] = False
+    controller.set_mask(mask)
     with pytest.raises(ValueError, match="pass the optimizer"):
         controller.apply(None)
+
+
+def test_an_optimizer_that_is_not_element_wise_is_refused_by_name():
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    controller = SelectiveMaskController(model, MaskConfig(warmup=0, interval=1000))
+    _set_grads(controller, lambda i, k, s: torch.randn(s))
+    # Adafactor's factored second moment mixes the entries of a row: putting paused ones back cannot undo it
+    with pytest.raises(ConfigError, match="cannot pause subspaces under Adafactor"):
+        controller.step(torch.optim.Adafactor(params, lr=1e-2))
+    controller.step(torch.optim.SGD(params, lr=1e-2, momentum=0.9))  # element-wise: accepted
 
 
 @pytest.mark.parametrize("optimizer_kind", ["adam", "adamw-foreach"])
@@ -148,17 +163,20 @@ def test_masked_subspace_keeps_values_and_adam_state_while_unmasked_one_moves(op
             optimizer.step()
 
     step()  # nothing paused yet: Adam state for every parameter
-    controller.mask[:] = True
-    controller.mask[0, 0] = False  # layer 0: subspace 0 paused, subspace 1 trains
-    controller.mask[1, :] = False  # layer 1: paused whole
+    mask = torch.ones(16, 2, dtype=torch.bool)
+    mask[0, 0] = False  # layer 0: subspace 0 paused, subspace 1 trains
+    mask[1, :] = False  # layer 1: paused whole
+    controller.set_mask(mask)
     layers = [layer for _, layer in controller.layers]
 
-    def columns(layer, k):  # every tensor of subspace k: its values and each Adam moment
+    def columns(layer, k):  # every tensor of subspace k: its values and each Adam moment (the layer's rows)
         cols = layer.subspace_columns(k)
         out = []
-        for p in (layer.U, layer.s, layer.V):
-            out.append(p.detach()[..., cols].clone())
-            out += [t[..., cols].clone() for t in optimizer.state[p].values() if t.shape == p.shape]
+        for name in ("U", "s", "V"):
+            p = getattr(layer.group, name)
+            out.append(p.detach()[layer.index][..., cols].clone())
+            moments = [t for t in optimizer.state[p].values() if t.shape == p.shape]
+            out += [t[layer.index][..., cols].clone() for t in moments]
         return out
 
     paused = columns(layers[0], 0) + columns(layers[1], 0) + columns(layers[1], 1)
@@ -168,7 +186,8 @@ def test_masked_subspace_keeps_values_and_adam_state_while_unmasked_one_moves(op
     assert all(torch.equal(a, b) for a, b in zip(paused, after))
     assert all(not torch.equal(a, b) for a, b in zip(moving, columns(layers[0], 1)))
     assert len(paused) == len(after) == 3 * 9  # values and two Adam moments of U, s and V, per subspace
-    assert float(optimizer.state[layers[1].U]["step"]) == 1  # a layer paused whole: Adam skipped it
+    # the group's step count moves on (its layers share one tensor per factor), paused entries or not
+    assert float(optimizer.state[layers[1].group.U]["step"]) == 2
 
 
 def test_controller_state_round_trips():

@@ -6,7 +6,10 @@ is the median over rounds of the ratio of the two methods' steps in that round, 
 drift over minutes and its bursts of load do not enter the ratios. Memory is measured for each method in its own
 fresh process, so that its peak is its own. Every method trains on the same random batch. A training step
 is what the trainer does: forward, the method's full loss (MASM's regularisers included), backward, the
-selective mask and semantic guard around Adam (the trainer's multi-tensor Adam). Compared:
+selective mask and semantic guard around Adam, and the trainer's on-device check that the step is finite
+(:mod:`masm.training.health`) with the fused Adam skipping on it. MASM is timed in its steady state: the
+mask active, with some layers paused whole and some in part, as in the demo's run (:func:`steady_mask`;
+the JSON records what was paused). Compared:
 
 * ``masm``: K=4, m=4 subspaces on the attention projections, low-rank forward;
 * ``fmsd``: MASM on the fraction ``select.fraction`` (default 0.5) of the attention projections that FMSD
@@ -32,7 +35,7 @@ allocator to ask, and the resident set size mostly shows what glibc keeps cached
 counted exactly from the tensors instead: activations saved for backward (unique storages, through
 ``torch.autograd.graph.saved_tensors_hooks``) + gradients + optimizer state. ``ops/step``: the ATen
 operations one training step dispatches (:func:`count_dispatched_ops`), what bounds a GPU step at small
-batches.
+batches; ``syncs/step``: those of them that make the host wait for the device.
 """
 
 from __future__ import annotations
@@ -88,6 +91,12 @@ def add_arguments(parser) -> None:
         default="auto",
         help="as in training: auto is bf16 autocast on CUDA and fp32 on CPU",
     )
+    parser.add_argument(
+        "--measure",
+        choices=("all", "memory"),
+        default="all",
+        help="memory: only training memory, ops and syncs (no step timing, no inference; for big backbones)",
+    )
     parser.add_argument("--out", type=Path, help="also write the results to this JSON file (default: none)")
 
 
@@ -109,7 +118,7 @@ def run(args) -> int:
         raise MasmError(
             f"unknown method {unknown[0]!r} for the speed benchmark; choose from {', '.join(TRAIN_METHODS)}"
         )
-    results = run_speed_benchmark(settings, methods)
+    results = run_speed_benchmark(settings, methods, memory_only=args.measure == "memory")
     print(format_results(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +127,12 @@ def run(args) -> int:
     return 0
 
 
-def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METHODS) -> dict:
+def run_speed_benchmark(
+    settings: SpeedSettings, methods: list[str] = TRAIN_METHODS, memory_only=False
+) -> dict:
     train = {method: _in_fresh_process(_memory_worker, method, settings) for method in methods}
+    if memory_only:
+        return {"settings": asdict(settings), "machine": machine_info(), "train": train, "ratios": {}}
     times = _in_fresh_process(_timing_worker, methods, settings)
     for method in methods:
         train[method]["step_s"] = statistics.median(times[method])
@@ -154,11 +167,14 @@ def run_speed_benchmark(settings: SpeedSettings, methods: list[str] = TRAIN_METH
             ratios["masm_vs_full_peak_mem"] = masm["peak_mem_mb"] / train["full"]["peak_mem_mb"]
         if "frozen-floor" in train:
             ratios["masm_vs_floor_ops"] = masm["ops_per_step"] / train["frozen-floor"]["ops_per_step"]
+        ratios["masm_syncs_per_step"] = masm["syncs_per_step"]
     if "frozen-floor" in train and "effort-reference" in train:
         # The best masm_vs_effort_step any adapter of these layers could reach here.
         ratios["floor_vs_effort_step"] = step_ratio("frozen-floor", "effort-reference")
     ratios["merged_vs_plain_infer"] = infer["merged_s"] / infer["plain_s"]
     targets = {
+        "masm_vs_floor_ops": 1.35,
+        "masm_syncs_per_step": 0,
         "masm_vs_floor_step": 1.05,
         "masm_vs_effort_step": 0.9,
         "masm_vs_full_step": 0.75,
@@ -182,14 +198,30 @@ def format_results(results: dict) -> str:
 
     s = results["settings"]
     rows = [
-        [name, r["step_s"] * 1000, r["peak_mem_mb"], r["trainable"], r.get("ops_per_step", "")]
+        [
+            name,
+            r["step_s"] * 1000 if "step_s" in r else "",
+            r["peak_mem_mb"],
+            r["trainable"],
+            r.get("ops_per_step", ""),
+            r.get("syncs_per_step", ""),
+        ]
         for name, r in results["train"].items()
     ]
-    out = [
+    header = ["method", "step ms", "training memory MB", "trainable params", "ops/step", "syncs/step"]
+    title = (
         f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']}, "
-        f"precision {s.get('precision', 'auto')} "
-        f"(median of {s['steps']} after {s['warmup']} warm-up)",
-        format_table(rows, ["method", "step ms", "training memory MB", "trainable params", "ops/step"]),
+        f"precision {s.get('precision', 'auto')}"
+    )
+    paused = [
+        f"{name} mask while timed: {r['mask']}" for name, r in results["train"].items() if r.get("mask")
+    ]
+    if "infer" not in results:
+        return "\n".join([title, format_table(rows, header), *paused])
+    out = [
+        title + f" (median of {s['steps']} after {s['warmup']} warm-up)",
+        format_table(rows, header),
+        *paused,
         "",
         "Inference (batch forward, no grad)",
         format_table(
@@ -309,23 +341,56 @@ class _TrainingStep:
         # what the trainer keeps: the MASM layers, grouped by shape for the batched guard and regularisers
         self.groups = layer_groups(self.detector)
         self.controller = None
+        self.mask_state = None
         if self.masm_config is not None and self.masm_config.mask.enabled:
+            from dataclasses import replace
+
             from ..method import SelectiveMaskController
 
-            self.controller = SelectiveMaskController(self.detector, self.masm_config.mask)
+            held = replace(self.masm_config.mask, warmup=0, interval=10**9)  # held as set: no recompute
+            self.controller = SelectiveMaskController(self.detector, held)
+            self.mask_state = steady_mask(self.controller)
 
     def __call__(self) -> None:
         from ..method import subspace_update, total_loss
         from ..precision import autocast_for
+        from ..training.health import not_finite
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_for(self.device, self.precision):
             logits = self.detector(self.x)
-        loss, _ = total_loss(logits, self.y, self.detector, self.masm_config, self.groups)
+        loss, terms = total_loss(logits, self.y, self.detector, self.masm_config, self.groups)
         loss.backward()
-        with subspace_update(self.detector, self.optimizer, self.controller, self.groups):
+        # the trainer's step: finite check on the device, the fused optimizer skipping on it
+        grads = [p.grad for p in self.params if p.grad is not None]
+        bad_loss, bad_grad, _ = not_finite([terms["total"]], grads, self.device)
+        skip = bad_loss | bad_grad
+        self.optimizer.found_inf = skip.float()
+        with subspace_update(self.detector, self.optimizer, self.controller, self.groups, skip=skip):
             self.optimizer.step()
         _sync(self.device)
+
+
+def steady_mask(controller) -> dict:
+    """Put ``controller`` in a steady state like the demo's run (8-12 of 24 layers partly paused, a quarter
+    paused whole): the mask its own rules give for a seeded, skewed learning state (a few subspaces of a
+    layer dominate), held from the first step on. Returns what it pauses."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    L, K = controller.mask.shape
+    rho = torch.rand(L, K, generator=generator).pow(4).to(controller.mask.device)
+    mask = controller.compute_mask(rho)
+    controller.set_mask(mask)
+    controller.num_steps = 1  # past the first (and only) update
+    rows = mask.cpu()
+    return {
+        "layers": L,
+        "subspaces": L * K,
+        "paused_subspaces": int((~rows).sum()),
+        "wholly_paused_layers": int((~rows).all(1).sum()),
+        "partly_paused_layers": int(((~rows).any(1) & rows.any(1)).sum()),
+    }
 
 
 def _timing_worker(methods: list[str], settings: SpeedSettings) -> dict[str, list[float]]:
@@ -361,32 +426,63 @@ def _memory_worker(method: str, settings: SpeedSettings) -> dict:
         peak_mb = memory.peak_mb
     else:
         peak_mb = _training_memory_mb(step.detector, step.x, step.params, step.optimizer)
+    ops, syncs = count_dispatched_ops(step)
     return {
         "peak_mem_mb": peak_mb,
         "trainable": sum(p.numel() for p in step.params),
-        "ops_per_step": count_dispatched_ops(step),
+        "ops_per_step": ops,
+        "syncs_per_step": syncs,
+        **({"mask": step.mask_state} if step.mask_state else {}),
     }
 
 
-def count_dispatched_ops(fn) -> int:
-    """ATen operations ``fn()`` dispatches (views included), counted by a ``TorchDispatchMode``.
+#: ATen operations that make the host wait for the device: a tensor's value read on the host (``.item()``,
+#: ``bool()``, ``.tolist()``), a data-dependent shape, a comparison answered on the host.
+HOST_SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.equal", "aten.is_nonzero", "aten.item")
 
-    Each costs host time to dispatch, and each that computes launches at least one kernel on a GPU, where a
-    step with small batches is bound by that count rather than by arithmetic. Unlike a time, the count does
-    not depend on the machine's load: it shows a change of the GPU path's overhead on any machine.
+
+def count_dispatched_ops(fn) -> tuple[int, int]:
+    """``(operations, host syncs)`` that ``fn()`` dispatches (views included), counted by a
+    ``TorchDispatchMode``.
+
+    Each operation costs host time to dispatch, and each that computes launches at least one kernel on a
+    GPU, where a step with small batches is bound by that count rather than by arithmetic. Unlike a time,
+    the count does not depend on the machine's load: it shows a change of the GPU path's overhead on any
+    machine. A host sync (:data:`HOST_SYNC_OPS`, or a copy from a device to the host) drains the GPU's queue
+    of launched kernels; on the CPU it costs nothing, but it is counted all the same: the code is the same.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
         count = 0
+        syncs = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.count += 1
+            if str(func.overloadpacket) in HOST_SYNC_OPS or _copies_to_host(func, args, kwargs or {}):
+                self.syncs += 1
             return func(*args, **(kwargs or {}))
 
     with Counter() as counter:
         fn()
-    return counter.count
+    return counter.count, counter.syncs
+
+
+def _copies_to_host(func, args, kwargs) -> bool:
+    """A copy from a device into host memory (``.cpu()``, ``.to("cpu")``, ``copy_`` into a CPU tensor)."""
+    import torch
+
+    name = str(func.overloadpacket)
+    if name not in ("aten._to_copy", "aten.copy_"):
+        return False
+    source = args[1] if name == "aten.copy_" else args[0]
+    target = args[0].device if name == "aten.copy_" else kwargs.get("device")
+    return (
+        isinstance(source, torch.Tensor)
+        and source.device.type not in ("cpu", "meta")
+        and target is not None
+        and torch.device(target).type == "cpu"
+    )
 
 
 def _training_memory_mb(detector, x, params, optimizer) -> float:

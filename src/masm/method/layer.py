@@ -113,6 +113,11 @@ class MASMLinear(nn.Module):
             return self.group.layout[name]
         return super().__getattr__(name)
 
+    def grad(self, name: str) -> torch.Tensor | None:
+        """This layer's row of the gradient of its group's factor ``name`` (``U``, ``s`` or ``V``)."""
+        grad = getattr(self.group, name).grad
+        return None if grad is None else grad[self.index]
+
     # -- state dicts: this layer's rows under its own names -------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         group = self.group

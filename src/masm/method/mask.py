@@ -173,8 +173,9 @@ class SelectiveMaskController:
         past_warmup = self.num_steps - self.config.warmup
         return past_warmup >= 0 and past_warmup % self.config.interval == 0
 
-    def _set_mask(self, mask: torch.Tensor) -> None:
-        """Hold ``mask`` and derive, per factor tensor, which of its columns learn (as 0/1 factors)."""
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Hold ``mask`` (L×K, True = learns; on the device) from now on, as if the controller had computed
+        it, and derive per factor tensor which of its columns learn (as 0/1 factors)."""
         self.mask = mask
         self._masking = True
         in_groups = mask[self._to_group_order]
@@ -251,7 +252,7 @@ class SelectiveMaskController:
             if skip is not None:  # a refused step leaves the mask as it was, too
                 rho, mask = torch.where(skip, self.rho, rho), torch.where(skip, self.mask, mask)
             self.rho = rho
-            self._set_mask(mask)
+            self.set_mask(mask)
             self._log()
         self.num_steps += 1
         if self.config.enabled:
@@ -289,7 +290,7 @@ class SelectiveMaskController:
         self.rho = state["rho"].float().to(device).clone()
         mask = state["mask"].bool().to(device).clone()
         if self.config.enabled and self.num_steps > self.config.warmup:
-            self._set_mask(mask)
+            self.set_mask(mask)
         else:
             self.mask = mask
         with torch.no_grad():

@@ -123,6 +123,13 @@ class TrainConfig:
         default=True,
         metadata={"help": "fp32 mode on CUDA: let matmuls use TF32 tensor cores (false: full fp32 products)"},
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "compile the model with torch.compile (MASM layers trace without a graph break); the "
+            "first steps are slow while it compiles"
+        },
+    )
     dist_timeout_s: float | None = field(
         default=None,
         metadata={

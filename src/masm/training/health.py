@@ -35,7 +35,8 @@ class _StepRecord:
 
 
 class StepHealth:
-    def __init__(self, device: torch.device, distributed: bool):
+    def __init__(self, model: torch.nn.Module, device: torch.device, distributed: bool):
+        self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.distributed = distributed
         self.poisoned = torch.zeros((), dtype=torch.bool, device=device)
         self.records: list[_StepRecord] = []
@@ -45,11 +46,8 @@ class StepHealth:
         """The skip flag of the step about to be taken (a device tensor); counts this rank's samples."""
         device = self.poisoned.device
         losses = [t["total"] for t in run.group_terms]
-        named = [(n, p.grad) for n, p in run.named_trainable if p.grad is not None]
-        norms = torch.stack(torch._foreach_norm([g for _, g in named], float("inf"))) if named else None
-        false = torch.zeros((), dtype=torch.bool, device=device)
-        bad_loss = ~torch.stack(losses).isfinite().all() if losses else false
-        bad_grad = ~norms.isfinite().all() if norms is not None else false
+        named = [(n, p.grad) for n, p in self.named_trainable if p.grad is not None]
+        bad_loss, bad_grad, norms = not_finite(losses, [g for _, g in named], device)
         ok, failed = run.failures.take_pending()
         empty = None
         if self.distributed:  # one all-reduce, no host read: the ranks agree on the device
@@ -86,6 +84,17 @@ class StepHealth:
         if self.distributed and run.failures.exceeded():
             first = [f for rank in dist_utils.gather_objects(run.env, run.failures.first) for f in rank]
             raise run.failures.error(first)
+
+
+def not_finite(
+    losses: list[torch.Tensor], grads: list[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(a loss is not finite, a gradient is not finite, each gradient's max-norm)``, on the device."""
+    false = torch.zeros((), dtype=torch.bool, device=device)
+    norms = torch.stack(torch._foreach_norm(grads, float("inf"))) if grads else None
+    bad_loss = ~torch.stack(losses).isfinite().all() if losses else false
+    bad_grad = ~norms.isfinite().all() if norms is not None else false
+    return bad_loss, bad_grad, norms
 
 
 def _raise_not_finite(run: Run, records: list[_StepRecord]) -> None:

@@ -125,10 +125,7 @@ class Run:
                 self.detector, self.masm_cfg.mask, self.out / "masks.jsonl"
             )
         self.optimizer = optimizer_for(cfg, self.detector.trainable_parameters())
-        if self.controller is not None:
-            self.controller.check_optimizer(self.optimizer)
-        self.named_trainable = [(n, p) for n, p in self.detector.named_parameters() if p.requires_grad]
-        self.health = StepHealth(env.device, env.distributed)
+        self.health = StepHealth(self.detector, env.device, env.distributed)
         self.model: torch.nn.Module = self.detector
         if env.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -136,6 +133,8 @@ class Run:
                 device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 broadcast_buffers=False,  # frozen buffers (W_sem) are identical everywhere; do not resend
             )
+        if cfg.compile:  # after DDP, as PyTorch documents: DDP's buckets then split the compiled graph
+            self.model = torch.compile(self.model)
         self.plan = build_train_loader(
             cfg, self.data.train.records, self.detector.preprocessing, env.rank, env.world_size, env.device
         )
