@@ -30,7 +30,7 @@ def test_cpu_part_runs_every_check_and_writes_the_report(tmp_path, monkeypatch):
         "--steps",
         "2",
         "--speed-methods",
-        "masm",
+        "masm,frozen-floor",
         "--speed-steps",
         "1",
     ]
@@ -49,8 +49,11 @@ def test_cpu_part_runs_every_check_and_writes_the_report(tmp_path, monkeypatch):
     assert (
         torchrun["processes"] == 1 and torchrun["test_frame_auc"] is not None and torchrun["train_steps"] >= 1
     )
-    speed = report["checks"]["speed"]
+    speed = report["checks"]["speed"]["runs"]["tiny-clip/eager"]
     assert speed["step_ms"]["masm"] > 0 and "merged_vs_plain_infer" in speed["ratios"]
+    assert (
+        speed["ratios"]["masm_syncs_per_step"] == 0 and "masm_vs_floor_step" in speed["issue17_targets_met"]
+    )
 
 
 def test_a_failed_check_exits_non_zero(tmp_path):

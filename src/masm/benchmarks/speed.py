@@ -70,6 +70,7 @@ class SpeedSettings:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     precision: str = "auto"  # as the trainer's: bf16 autocast on CUDA, fp32 on CPU (TF32 matmuls on CUDA)
+    compile: bool = False  # each method's model through torch.compile (as training's compile: true)
 
 
 def add_arguments(parser) -> None:
@@ -92,6 +93,12 @@ def add_arguments(parser) -> None:
         help="as in training: auto is bf16 autocast on CUDA and fp32 on CPU",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each method's model with torch.compile, as training's compile: true (ops and syncs "
+        "are then not counted: a compiled step runs generated kernels, not dispatched operations)",
+    )
+    parser.add_argument(
         "--measure",
         choices=("all", "memory"),
         default="all",
@@ -111,6 +118,7 @@ def run(args) -> int:
         args.device,
         args.threads,
         args.precision,
+        args.compile,
     )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(TRAIN_METHODS))
@@ -165,9 +173,10 @@ def run_speed_benchmark(
                 ratios["path_only_vs_floor_step"] = step_ratio("masm-path-only", "frozen-floor")
         if "full" in train:
             ratios["masm_vs_full_peak_mem"] = masm["peak_mem_mb"] / train["full"]["peak_mem_mb"]
-        if "frozen-floor" in train:
+        if "frozen-floor" in train and masm["ops_per_step"] is not None:
             ratios["masm_vs_floor_ops"] = masm["ops_per_step"] / train["frozen-floor"]["ops_per_step"]
-        ratios["masm_syncs_per_step"] = masm["syncs_per_step"]
+        if masm["syncs_per_step"] is not None:
+            ratios["masm_syncs_per_step"] = masm["syncs_per_step"]
     if "frozen-floor" in train and "effort-reference" in train:
         # The best masm_vs_effort_step any adapter of these layers could reach here.
         ratios["floor_vs_effort_step"] = step_ratio("frozen-floor", "effort-reference")
@@ -211,7 +220,7 @@ def format_results(results: dict) -> str:
     header = ["method", "step ms", "training memory MB", "trainable params", "ops/step", "syncs/step"]
     title = (
         f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']}, "
-        f"precision {s.get('precision', 'auto')}"
+        f"precision {s.get('precision', 'auto')}" + (", compiled" if s.get("compile") else "")
     )
     paused = [
         f"{name} mask while timed: {r['mask']}" for name, r in results["train"].items() if r.get("mask")
@@ -328,6 +337,7 @@ class _TrainingStep:
 
         self.detector, self.masm_config = _build(method, settings)
         self.detector.to(device).train()
+        self.forward = torch.compile(self.detector) if settings.compile else self.detector
         self.device = device
         self.precision = settings.precision
         size = self.detector.preprocessing.input_size
@@ -358,7 +368,7 @@ class _TrainingStep:
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_for(self.device, self.precision):
-            logits = self.detector(self.x)
+            logits = self.forward(self.x)
         loss, terms = total_loss(logits, self.y, self.detector, self.masm_config, self.groups)
         loss.backward()
         # the trainer's step: finite check on the device, the fused optimizer skipping on it
@@ -426,7 +436,7 @@ def _memory_worker(method: str, settings: SpeedSettings) -> dict:
         peak_mb = memory.peak_mb
     else:
         peak_mb = _training_memory_mb(step.detector, step.x, step.params, step.optimizer)
-    ops, syncs = count_dispatched_ops(step)
+    ops, syncs = (None, None) if settings.compile else count_dispatched_ops(step)
     return {
         "peak_mem_mb": peak_mb,
         "trainable": sum(p.numel() for p in step.params),

@@ -87,6 +87,11 @@ class MASMGroups(nn.Module):
         super().__init__()
         self.groups = nn.ModuleList(groups)
 
+    def forward(self, x):
+        """Nothing: passes its input through (a model that calls each child in turn, like ``nn.Sequential``,
+        calls this one too)."""
+        return x
+
     def begin_pass(self, module, args) -> None:
         for group in self.groups:
             group.begin_pass()

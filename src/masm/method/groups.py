@@ -140,7 +140,7 @@ class LayerGroup(nn.Module):
         ):
             if tensor is None:
                 continue
-            inside = basis @ (basis.mT @ tensor)
+            inside = torch.bmm(basis, torch.bmm(basis.mT, tensor))  # bmm: no broadcasting views
             if skip is not None:
                 tensor.copy_(torch.where(skip, tensor, inside if complement else tensor - inside))
             elif complement:

@@ -283,8 +283,9 @@ def fill_operands(U, s, V, weight_sem, bias, dtype) -> tuple[torch.Tensor, torch
     d_in = V.shape[1]
     Vs = V * s.unsqueeze(1)
     weights = U.new_empty((layers, d_out + km, d_in + km), dtype=dtype)
-    if dtype == U.dtype == weight_sem.dtype:
-        torch.baddbmm(weight_sem, U, Vs.mT, out=weights[:, :d_out, :d_in])  # straight into place
+    if dtype == U.dtype == weight_sem.dtype and not torch.compiler.is_compiling():
+        # straight into place (torch.compile takes no strided out=; it fuses the copy instead)
+        torch.baddbmm(weight_sem, U, Vs.mT, out=weights[:, :d_out, :d_in])
     else:
         weights[:, :d_out, :d_in] = torch.baddbmm(weight_sem.to(U.dtype), U, Vs.mT)
     weights[:, :d_out, d_in:] = U

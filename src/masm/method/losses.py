@@ -30,7 +30,7 @@ def regularizers(model: nn.Module, config: MASMConfig, groups: list | None = Non
     # Per group, the Km×Km Gram matrices of U and V once: L_orth reads them whole, the artifact spectrum
     # their m×m diagonal blocks (one per subspace).
     spectral_batched = config.lambda_spec and config.spectral_mode == "artifact"
-    grams = [(g.U.mT @ g.U, g.V.mT @ g.V) for g in groups] if config.lambda_orth or spectral_batched else []
+    grams = [_grams(g) for g in groups] if config.lambda_orth or spectral_batched else []
     if config.lambda_orth:
         terms["orth"] = _mean([_orthogonality(gu, gv) for gu, gv in grams])
     penalised = [group for group in groups if group.semantic_guard == "penalty"]
@@ -44,6 +44,11 @@ def regularizers(model: nn.Module, config: MASMConfig, groups: list | None = Non
         else:
             raise ValueError(f"unknown spectral mode {config.spectral_mode!r}")
     return terms
+
+
+def _grams(group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``UᵀU`` and ``VᵀV`` of every layer of a group: layers × Km × Km each (bmm: no broadcasting views)."""
+    return torch.bmm(group.U.mT, group.U), torch.bmm(group.V.mT, group.V)
 
 
 def _mean(per_layer: list[torch.Tensor]) -> torch.Tensor:
