@@ -626,3 +626,18 @@ def test_group_guard_equals_the_plain_projection_of_every_layer(shape, guard_ran
         assert torch.allclose(layer.U, _projection_reference(U, U_g), atol=1e-6)
         assert torch.allclose(layer.V, _projection_reference(V, V_g), atol=1e-6)
         assert _overlap_reference(layer.U.detach(), layer.V.detach(), U_g, V_g).item() <= 1e-9
+
+
+def test_two_forwards_before_one_backward_get_their_own_operands():
+    """The group writes a pass's operands into the previous pass's storage only once nothing holds it: a
+    forward still awaiting its backward keeps its own."""
+    model, x = _trained_tiny_model(), _pixels()
+    (group,) = model.masm_groups.groups
+    first = model(pixel_values=x).pooler_output.pow(2).sum()
+    second = model(pixel_values=x * 0.5).pooler_output.pow(2).sum()
+    (first + second).backward()
+    together = group.U.grad.clone()
+    group.U.grad = None
+    model(pixel_values=x).pooler_output.pow(2).sum().backward()
+    model(pixel_values=x * 0.5).pooler_output.pow(2).sum().backward()  # reuses the storage, then adds up
+    torch.testing.assert_close(group.U.grad, together, atol=1e-6, rtol=1e-5)

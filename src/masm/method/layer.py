@@ -270,19 +270,20 @@ def _join_per_subspace_keys(state_dict: dict, prefix: str, num_subspaces: int) -
         state_dict[prefix + name] = torch.cat(parts, dim=-1)
 
 
-def fill_operands(U, s, V, weight_sem, bias, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fill_operands(U, s, V, weight_sem, bias, dtype, out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused operands of a group's layers (leading dimension: layers), in ``dtype``.
 
     ``weights[i] = [[W_sem + U (V s)ᵀ, U], [(V s)ᵀ, 0]]`` and ``bias[i] = [b, 0]``, the sum in the factors'
     precision. With them a layer's forward is one matmul, ``x [W_eff; (V s)ᵀ]ᵀ = [y | x V s]``, and its
     backward one more, ``g [W_eff | U] = [dx | g U]``: the low-rank terms ride along as Km extra columns of
     the matmul any adapter of the layer pays for, instead of thin matmuls that read the activations again.
-    One batched product builds every layer's ``W_eff``.
+    One batched product builds every layer's ``W_eff``. ``out``: ``(weights, bias)`` of an earlier call to
+    write into (see :meth:`LayerGroup.reusable_operands`), or ``None``.
     """
     layers, d_out, km = U.shape
     d_in = V.shape[1]
     Vs = V * s.unsqueeze(1)
-    weights = U.new_empty((layers, d_out + km, d_in + km), dtype=dtype)
+    weights = U.new_empty((layers, d_out + km, d_in + km), dtype=dtype) if out is None else out[0]
     if dtype == U.dtype == weight_sem.dtype and not torch.compiler.is_compiling():
         # straight into place (torch.compile takes no strided out=; it fuses the copy instead)
         torch.baddbmm(weight_sem, U, Vs.mT, out=weights[:, :d_out, :d_in])
@@ -293,7 +294,7 @@ def fill_operands(U, s, V, weight_sem, bias, dtype) -> tuple[torch.Tensor, torch
     weights[:, d_out:, d_in:] = 0
     if bias is None:
         return weights, None
-    fused_bias = U.new_zeros((layers, d_out + km), dtype=dtype)
+    fused_bias = U.new_zeros((layers, d_out + km), dtype=dtype) if out is None else out[1]
     fused_bias[:, :d_out] = bias
     return weights, fused_bias
 
@@ -306,8 +307,8 @@ class _GroupOperands(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, U, s, V, weight_sem, bias, dtype):
-        weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype)
+    def forward(ctx, U, s, V, weight_sem, bias, dtype, out):
+        weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype, out)
         layers, d_out, km = U.shape
         # Tokens carry no values (a broadcast scalar): only their gradients matter. Km × d per layer, the
         # layout in which the layers compute them.
@@ -330,25 +331,26 @@ class _GroupOperands(torch.autograd.Function):
             grad_vs = grad_vs.mT.to(ctx.factor_dtype)
             grad_s = (grad_vs * V).sum(1)
             grad_V = grad_vs * s.unsqueeze(1)
-        return grad_U, grad_s, grad_V, None, None, None
+        return grad_U, grad_s, grad_V, None, None, None, None
 
 
-def group_operands(U, s, V, weight_sem, bias, dtype, track: bool) -> list[tuple]:
+def group_operands(U, s, V, weight_sem, bias, dtype, track: bool, out=None) -> tuple[list[tuple], tuple]:
     """Per layer: ``(forward, bias, backward, u_token, vs_token)`` as :class:`_LowRankLinear` takes them
-    (tokens ``None`` when the factors' gradients are not needed)."""
+    (tokens ``None`` when the factors' gradients are not needed); and the ``(weights, bias)`` storage they
+    view. ``out``: as for :func:`fill_operands`."""
     d_in = V.shape[1]
     d_out = U.shape[1]
     if track:
-        weights, fused_bias, u_token, vs_token = _GroupOperands.apply(U, s, V, weight_sem, bias, dtype)
+        weights, fused_bias, u_token, vs_token = _GroupOperands.apply(U, s, V, weight_sem, bias, dtype, out)
         u_tokens, vs_tokens = u_token.unbind(0), vs_token.unbind(0)
     else:
         with torch.no_grad():
-            weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype)
+            weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype, out)
         u_tokens = vs_tokens = (None,) * U.shape[0]
     forwards = weights[:, :, :d_in].mT.unbind(0)  # x @ forward + bias = [y | x V s]
     backwards = weights[:, :d_out].unbind(0)  # g @ backward = [dx | g U]
     biases = (None,) * U.shape[0] if fused_bias is None else fused_bias.unbind(0)
-    return list(zip(forwards, biases, backwards, u_tokens, vs_tokens))
+    return list(zip(forwards, biases, backwards, u_tokens, vs_tokens)), (weights, fused_bias)
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -400,7 +402,7 @@ def low_rank_linear(x, weight_sem, bias, U, s, V) -> torch.Tensor:
     dtype = x.dtype
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (U, s, V))
     b = None if bias is None else bias.unsqueeze(0)
-    forward, fused_bias, backward, u_token, vs_token = group_operands(*rows, b, dtype, track)[0]
+    forward, fused_bias, backward, u_token, vs_token = group_operands(*rows, b, dtype, track)[0][0]
     return _LowRankLinear.apply(x, forward, fused_bias, backward, u_token, vs_token)
 
 
