@@ -1,5 +1,7 @@
-"""What MASM adds to its layer path per training step: the guard's two projections, the regularisers and
-the mask's statistics, each timed alone (median of repeated calls) on one MASM detector.
+"""What MASM adds to its layer path per training step: the guard's two projections, the regularisers, the
+mask's statistics and its pausing (with the mask active, as ``masm bench speed`` times it), the on-device
+finite check, and the build of every layer's operands, each timed alone (median of repeated calls) on one
+MASM detector.
 
     python benchmarks/step_extras.py [--backbone clip-vit-b16-random] [--batch-size 8] [--repeats 20]
 """
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from masm.benchmarks.speed import SpeedSettings, _TrainingStep
     from masm.method import project_gradients, regularizers, reproject_guarded
+    from masm.training.health import not_finite
 
     step = _TrainingStep("masm", SpeedSettings(args.backbone, args.batch_size), torch.device("cpu"))
     step()  # gradients, optimizer state and the guard's stacked bases exist from here on
@@ -29,11 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     def regularisers_forward_backward():
         sum(regularizers(step.detector, step.masm_config, step.groups).values()).backward()
 
+    skip = torch.zeros((), dtype=torch.bool)
+
+    def mask_pause():
+        step.controller.apply(step.optimizer)
+        step.controller.restore()
+
+    def build_operands():
+        for group in step.groups:
+            group.begin_pass()
+            group.end_pass()
+
+    grads = [p.grad for p in step.params if p.grad is not None]
     parts = {
         "guard: project gradients": lambda: project_gradients(step.detector, step.groups),
-        "guard: re-project factors": lambda: reproject_guarded(step.detector, step.groups),
+        "guard: re-project factors": lambda: reproject_guarded(step.detector, step.groups, skip),
         "regularisers, forward + backward": regularisers_forward_backward,
-        "mask: observe gradients": step.controller.observe,
+        "mask: observe gradients": lambda: step.controller.observe(skip),
+        "mask: pause and put back": mask_pause,
+        "finite check": lambda: not_finite([grads[0].sum()], grads, torch.device("cpu")),
+        "operands of every layer": build_operands,
     }
     print(f"{args.backbone}, batch {args.batch_size}, cpu, median of {args.repeats}")
     for name, fn in parts.items():
