@@ -105,6 +105,10 @@ class LayerGroup(nn.Module):
         with torch.autocast(self.U.device.type, enabled=False):
             return group_operands(*tensors, bias, dtype, track)[0][0]
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: the kept operand storage is dropped
+        self._operands = None
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self):  # a copy (deepcopy, pickle) holds no operands of a forward in flight
         return {**self.__dict__, "_pass": None, "_operands": None}
 
