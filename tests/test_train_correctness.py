@@ -184,3 +184,36 @@ def test_training_takes_autocast_from_the_neutral_module():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with precision.autocast_for(torch.device("cpu"), "auto"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_optimizer_state_of_runs_before_layer_groups_is_regrouped():
+    """Runs saved before same-shape layers shared one tensor per factor had three optimizer entries per MASM
+    layer; they resume with each group's moments stacked from its layers' and its step the largest."""
+    from masm.method import masm_layers
+    from masm.models import create_detector
+
+    detector = create_detector("tiny-clip", "masm")
+    optimizer = optim_module.make_optimizer(detector.trainable_parameters(), "adam", lr=1e-3)
+    layers = [layer for _, layer in masm_layers(detector)]
+    old, index = {}, 0
+    for layer in layers:  # the old order: each layer's U, s, V in model order, then the head
+        for name in ("U", "s", "V"):
+            shape = getattr(layer, name).shape
+            old[index] = {"step": torch.tensor(float(index)), "exp_avg": torch.full(shape, float(index))}
+            old[index]["exp_avg_sq"] = old[index]["exp_avg"].abs()
+            index += 1
+    head = detector.head.weight
+    old[index] = {
+        "step": torch.tensor(1.0),
+        "exp_avg": torch.ones_like(head),
+        "exp_avg_sq": torch.ones_like(head),
+    }
+    saved = {"state": old, "param_groups": [{**optimizer.param_groups[0], "params": list(range(index + 2))}]}
+    saved["param_groups"][0].update(fused=None, foreach=True)
+    optimizer.load_state_dict(checkpoints_module.regroup_optimizer_state(saved, detector, optimizer))
+    (group,) = detector.backbone.masm_groups.groups
+    state = optimizer.state[group.V]
+    for i, layer in enumerate(layers):
+        assert torch.equal(state["exp_avg"][layer.index], torch.full_like(layer.V, float(3 * i + 2)))
+    assert float(state["step"]) == 3 * (len(layers) - 1) + 2  # the largest of the layers' counts
+    assert torch.equal(optimizer.state[head]["exp_avg"], torch.ones_like(head))

@@ -105,9 +105,16 @@ class RunCheckpoints:
                 "reproduce the data order"
             )
         _load_model(detector, last)
-        optimizer.load_state_dict(
-            unflatten_optimizer(load_extra_tensors(last, "optimizer"), state["optimizer"])
-        )
+        saved = unflatten_optimizer(load_extra_tensors(last, "optimizer"), state["optimizer"])
+        for loaded, current in zip(saved["param_groups"], optimizer.param_groups):
+            # the kernel is this code's choice (fused since issue 17), not the run's: an older run resumes
+            loaded.update({k: current[k] for k in ("fused", "foreach", "capturable") if k in current})
+        try:
+            optimizer.load_state_dict(regroup_optimizer_state(saved, detector, optimizer))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{last / 'optimizer.safetensors'}: does not fit this run's optimizer ({err})"
+            ) from None
         if controller is not None:
             controller.load_state_dict(load_extra_tensors(last, "mask"))
         set_rng_state(load_extra_tensors(last, "rng"), state["rng"])
@@ -126,6 +133,49 @@ class RunCheckpoints:
             os.replace(self.best_dir, target)
         dist_utils.barrier(self.env)
         return target
+
+
+def regroup_optimizer_state(saved: dict, detector: Detector, optimizer) -> dict:
+    """Optimizer state written before same-shape MASM layers shared one tensor per factor (three entries per
+    layer: its U, s and V, in model order, then the rest) as this optimizer's (three per layer group, then
+    the rest): each group's moments are the layers' stacked, its step count the largest of theirs (a layer
+    the mask paused whole had skipped steps). Other state is returned as it is."""
+    from ..method import masm_layers
+    from ..method.groups import FACTORS, layer_groups
+
+    old = saved["param_groups"][0]["params"]
+    new = optimizer.param_groups[0]["params"]
+    layers = [layer for _, layer in masm_layers(detector)]
+    groups = layer_groups(detector)
+    if len(saved["param_groups"]) != 1 or len(old) == len(new) or not layers:
+        return saved
+    rest = len(new) - 3 * len(groups)
+    if len(old) != 3 * len(layers) + rest:
+        return saved  # not that layout: load_state_dict says what does not fit
+    position = {(id(layer.group), layer.index): i for i, layer in enumerate(layers)}
+    entries = saved["state"]
+    regrouped: dict[int, dict] = {}
+    for g, group in enumerate(groups):
+        for f, name in enumerate(FACTORS):
+            rows = [entries.get(old[3 * position[(id(group), row)] + f], {}) for row in range(len(group))]
+            param = getattr(group, name)
+            if not any(rows):
+                continue
+            merged = {}
+            for key in {k for row in rows for k in row}:
+                values = [row.get(key) for row in rows]
+                if key == "step":
+                    merged[key] = max((v for v in values if v is not None), key=float).clone()
+                else:
+                    merged[key] = torch.stack(
+                        [torch.zeros_like(param[0]) if v is None else v.to(param) for v in values]
+                    )
+            regrouped[new[3 * g + f]] = merged
+    for k in range(rest):
+        if old[3 * len(layers) + k] in entries:
+            regrouped[new[3 * len(groups) + k]] = entries[old[3 * len(layers) + k]]
+    groups_state = [{**saved["param_groups"][0], "params": list(new)}]
+    return {"state": regrouped, "param_groups": groups_state}
 
 
 def _load_model(detector: Detector, last: Path) -> None:
