@@ -181,13 +181,6 @@ class LayerGroup(nn.Module):
         )
 
 
-def project(grad: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
-    """``(I − B_sem B_semᵀ) grad`` from the semantic basis or from its complement, batched over leading
-    dimensions."""
-    inside = basis @ (basis.mT @ grad)
-    return inside if is_complement else grad - inside
-
-
 def layer_groups(model_or_layers) -> list[LayerGroup]:
     """The layer groups of a model's MASM layers (or of a list of layers), each once, in model order.
 

@@ -195,12 +195,7 @@ class MASMLinear(nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
-    # -- terms of the regularisers (method.md §3); batched over groups in :mod:`.losses` ---------------------
-    def semantic_overlap(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """``‖U_gᵀ U‖² + ‖V_gᵀ V‖²`` over the guarded directions (via ``‖Q‖² − ‖Bᵀ Q‖²`` where the stored
-        basis B is the complement)."""
-        return overlap(U, self.U_basis, self.u_complement) + overlap(V, self.V_basis, self.v_complement)
-
+    # -- a term of the regularisers (method.md §3) for this layer alone; batched over groups in :mod:`.losses`
     def spectral_loss(self, mode: str = "artifact") -> torch.Tensor:
         """Spectral consistency of this layer (the group version is :func:`masm.method.losses.regularizers`).
 
@@ -396,8 +391,8 @@ class _LowRankLinear(torch.autograd.Function):
 
 
 def low_rank_linear(x, weight_sem, bias, U, s, V) -> torch.Tensor:
-    """The layer's function from plain tensors of one layer, differentiable in ``x`` and the factors
-    (what a layer computes; for tests and for a layer called outside its model's forward)."""
+    """What a layer computes, from plain tensors of one layer, differentiable in ``x`` and the factors (a
+    functional form of :class:`MASMLinear`, e.g. to check its hand-written backward)."""
     rows = [t.unsqueeze(0) for t in (U, s, V, weight_sem)]
     dtype = x.dtype
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (U, s, V))

@@ -177,7 +177,8 @@ def load_extra_tensors(directory: str | Path, stem: str) -> dict[str, torch.Tens
 def _adapter_state(detector: Detector) -> dict[str, torch.Tensor]:
     """Trainable tensors and the head, under canonical names (the same under transformers 4 and 5)."""
     return {
-        canonical_key(name): tensor.detach().cpu().clone()  # a clone: rows of a group share storage
+        # a copy of its own (rows of a group share storage), made once, on the way to the host
+        canonical_key(name): tensor.detach().to("cpu", copy=True)
         for name, tensor in detector.trainable_state().items()
     }
 
