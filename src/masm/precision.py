@@ -23,10 +23,14 @@ def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA under ``auto``/``bf16`` (and on CPU under ``bf16``); no autocast otherwise."""
+def autocast_for(device: torch.device, precision: str = "auto", cache: bool = True):
+    """bf16 autocast on CUDA under ``auto``/``bf16`` (and on CPU under ``bf16``); no autocast otherwise.
+
+    ``cache=False`` for a step captured as a CUDA graph: autocast's cache of cast weights lives only as long
+    as the context, so a replay would read casts freed after the capture (PyTorch's CUDA-graph notes).
+    """
     if uses_bf16(device, precision):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -162,7 +162,9 @@ def reproject_guarded(model: nn.Module, groups: list | None = None, skip=None) -
 
 
 @contextmanager
-def subspace_update(model: nn.Module, optimizer, controller=None, groups: list | None = None, skip=None):
+def subspace_update(
+    model: nn.Module, optimizer, controller=None, groups: list | None = None, skip=None, advance: bool = True
+):
     """Wrap the optimizer step of a MASM model: the semantic guard and the selective mask around it.
 
     ::
@@ -179,12 +181,13 @@ def subspace_update(model: nn.Module, optimizer, controller=None, groups: list |
     (default: found here, at a module walk per call); a flat list of layers is grouped here. ``skip``: a
     device flag set when the step must change nothing (the trainer's non-finite check, :mod:`masm.training.
     health`; the optimizer skips on it too): the guard and the mask's statistics then leave their tensors
-    as they were, without a host sync.
+    as they were, without a host sync. ``advance``: see :meth:`~masm.method.SelectiveMaskController.step`
+    (``False`` inside a step captured as a CUDA graph).
     """
     groups = _as_groups(model, groups)
     project_gradients(model, groups)
     if controller is not None:
-        controller.step(optimizer, skip)
+        controller.step(optimizer, skip, advance)
     yield
     reproject_guarded(model, groups, skip)
     if controller is not None:

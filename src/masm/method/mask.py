@@ -92,6 +92,11 @@ class SelectiveMaskController:
         return [name for name, _ in self.layers]
 
     @property
+    def masking(self) -> bool:
+        """Whether a mask was set: from then on every step pauses what it holds."""
+        return self._masking
+
+    @property
     def num_observed(self) -> int:
         return int(self._observed)
 
@@ -177,9 +182,8 @@ class SelectiveMaskController:
         """Hold ``mask`` (L×K, True = learns; on the device) from now on, as if the controller had computed
         it, and derive per factor tensor which of its columns learn (as 0/1 factors)."""
         self.mask = mask
-        self._masking = True
         in_groups = mask[self._to_group_order]
-        self._columns = []
+        columns_now = []
         start = 0
         for group in self.groups:
             rows = in_groups[start : start + len(group)]
@@ -187,8 +191,14 @@ class SelectiveMaskController:
             columns = rows.repeat_interleave(group.subspace_rank, dim=1)  # layers × Km
             for name in ("U", "s", "V"):
                 active = columns if name == "s" else columns.unsqueeze(1)
-                self._columns.append(active.to(getattr(group, name).dtype))
-        self._paused = [1 - active for active in self._columns]
+                columns_now.append(active.to(getattr(group, name).dtype))
+        if self._masking:  # written in place: a step captured as a CUDA graph reads these very tensors
+            torch._foreach_copy_(self._columns, columns_now)
+            torch._foreach_copy_(self._paused, [1 - active for active in columns_now])
+        else:
+            self._columns = columns_now
+            self._paused = [1 - active for active in columns_now]
+        self._masking = True
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -238,14 +248,27 @@ class SelectiveMaskController:
                 "use optim.name adam or adamw, or set model.method.masm.mask.enabled: false"
             )
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None, skip: torch.Tensor | None = None) -> None:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        skip: torch.Tensor | None = None,
+        advance: bool = True,
+    ) -> None:
         """Observe gradients, recompute the mask when due, and set the paused subspaces aside.
 
         Call :meth:`restore` after ``optimizer.step()``. ``optimizer`` is needed once the mask pauses
-        anything (the paused entries keep their moments). ``skip``: see :meth:`observe`.
+        anything (the paused entries keep their moments). ``skip``: see :meth:`observe`. ``advance=False``:
+        the device work of a step at which no recompute is due, and nothing else, for a step captured as a
+        CUDA graph: its replays do not run this Python, so the caller counts them (:meth:`advance`).
         """
         self.check_optimizer(optimizer)
         self.observe(skip)
+        if not advance:
+            if self.config.enabled and self.update_due():
+                raise RuntimeError("the mask is due for a recompute at this step: call step() with advance")
+            if self.config.enabled:
+                self.apply(optimizer)
+            return
         if self.config.enabled and self.update_due():
             rho = self.learning_state()
             mask = _broadcast(self.compute_mask(rho))
@@ -257,6 +280,10 @@ class SelectiveMaskController:
         self.num_steps += 1
         if self.config.enabled:
             self.apply(optimizer)
+
+    def advance(self) -> None:
+        """Count a step whose device work ran without :meth:`step`'s Python (a CUDA graph's replay)."""
+        self.num_steps += 1
 
     # -- persistence ---------------------------------------------------------------------------------------
     def _layer_moments(self, i: int, moments: list[torch.Tensor]) -> list[torch.Tensor]:

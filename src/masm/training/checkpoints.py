@@ -109,6 +109,8 @@ class RunCheckpoints:
         for loaded, current in zip(saved["param_groups"], optimizer.param_groups):
             # the kernel is this code's choice (fused since issue 17), not the run's: an older run resumes
             loaded.update({k: current[k] for k in ("fused", "foreach", "capturable") if k in current})
+            if torch.is_tensor(current["lr"]):  # capturable: the learning rate stays a device tensor
+                loaded["lr"] = current["lr"].clone().fill_(float(loaded["lr"]))
         try:
             optimizer.load_state_dict(regroup_optimizer_state(saved, detector, optimizer))
         except (ValueError, KeyError) as err:

@@ -130,6 +130,15 @@ class TrainConfig:
             "first steps are slow while it compiles"
         },
     )
+    cuda_graph: bool = field(
+        default=False,
+        metadata={
+            "help": "one GPU: capture the whole training step (forward, backward, guard, mask, Adam) as one "
+            "CUDA graph and replay it, so a step costs one launch instead of thousands; steps the graph "
+            "cannot take (a batch with failed frames, the epoch's short last batch, a mask recompute) run "
+            "eagerly. Needs optim.grad_accum_steps: 1"
+        },
+    )
     dist_timeout_s: float | None = field(
         default=None,
         metadata={
@@ -171,6 +180,11 @@ class TrainConfig:
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"{bad[0]}: value {_get(self, bad[0])!r} is out of range")
+        if self.cuda_graph and self.optim.grad_accum_steps != 1:
+            raise ConfigError(
+                f"cuda_graph: true captures a step of one micro-batch; optim.grad_accum_steps is "
+                f"{self.optim.grad_accum_steps} (set it to 1, or cuda_graph: false)"
+            )
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -41,35 +41,54 @@ class StepHealth:
         self.poisoned = torch.zeros((), dtype=torch.bool, device=device)
         self.records: list[_StepRecord] = []
         self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # (ok, failed) over ranks, DDP
+        self.step_counts = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's, this step
 
     def decide(self, run: Run) -> torch.Tensor:
         """The skip flag of the step about to be taken (a device tensor); counts this rank's samples."""
-        device = self.poisoned.device
         losses = [t["total"] for t in run.group_terms]
         named = [(n, p.grad) for n, p in self.named_trainable if p.grad is not None]
-        bad_loss, bad_grad, norms = not_finite(losses, [g for _, g in named], device)
         ok, failed = run.failures.take_pending()
+        if self.distributed:
+            self.set_counts(ok, failed)
+        else:
+            run.failures.add_step(ok, failed)
+        skip, norms = self.flags(losses, [g for _, g in named])
+        self.record(run, list(run.group_terms), [n for n, _ in named], norms)
+        return skip
+
+    def set_counts(self, ok: int, failed: int) -> None:
+        """This rank's samples of the coming step (under DDP; written in place, for :meth:`flags`)."""
+        self.step_counts[0].fill_(ok)
+        self.step_counts[1].fill_(failed)
+
+    def flags(
+        self, losses: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(skip, each gradient's max-norm)`` of the step, on the device, the sticky flag updated.
+
+        Device work only, every tensor it keeps updated in place, so that a CUDA graph of the step
+        (:mod:`.cuda_graph`) replays it: under DDP one all-reduce carries the flags and
+        :meth:`set_counts`'s sample counts, and no rank with a sample means skip.
+        """
+        bad_loss, bad_grad, norms = not_finite(losses, grads, self.poisoned.device)
         empty = None
         if self.distributed:  # one all-reduce, no host read: the ranks agree on the device
-            zero = torch.zeros((), dtype=torch.float64, device=device)
-            flags = torch.stack([bad_loss.double(), bad_grad.double(), zero + ok, zero + failed])
+            flags = torch.cat([torch.stack([bad_loss, bad_grad]).double(), self.step_counts])
             torch.distributed.all_reduce(flags)
             bad_loss, bad_grad = flags[0] > 0, flags[1] > 0
             empty = flags[2] == 0
             self.counts += flags[2:]
-        else:
-            run.failures.add_step(ok, failed)
-        progress = run.progress
-        names = [n for n, _ in named]
-        self.records.append(
-            _StepRecord(progress.global_step + 1, progress.epoch + 1, list(run.group_terms), names, norms)
-        )
         bad = bad_loss | bad_grad
         skip = self.poisoned | bad
         if empty is not None:
             skip = skip | empty
-        self.poisoned = self.poisoned | bad
-        return skip
+        self.poisoned.logical_or_(bad)
+        return skip, norms
+
+    def record(self, run: Run, terms: list[dict], names: list[str], norms: torch.Tensor | None) -> None:
+        """Keep what names a bad step (by reference: no copy, no operation) until the next check point."""
+        progress = run.progress
+        self.records.append(_StepRecord(progress.global_step + 1, progress.epoch + 1, terms, names, norms))
 
     def check(self, run: Run) -> None:
         """At a check point: stop the run if a step was not finite (naming the first), or if too many

@@ -42,7 +42,11 @@ def fit(run: Run) -> None:
                 group_size = min(accum, plan.micro_per_epoch - micro)
             in_group += 1
             closes_group = in_group == group_size
-            terms = _micro_step(run, batch, sync=closes_group, group_size=group_size)
+            captured = run.captured is not None and run.captured.takes(run, batch)
+            if captured:  # the whole step, one CUDA graph (cuda_graph: true; one micro-batch a step)
+                terms, lr = run.captured.step(run, batch)
+            else:
+                terms = _micro_step(run, batch, sync=closes_group, group_size=group_size)
             if terms is not None:
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -50,7 +54,8 @@ def fit(run: Run) -> None:
             if not closes_group:
                 continue
             in_group = 0
-            lr = _optimizer_step(run)
+            if not captured:
+                lr = _optimizer_step(run)
             run.progress.global_step += 1
             run.progress.step_in_epoch += 1
             bar.update(1)
@@ -132,17 +137,26 @@ def _optimizer_step(run: Run) -> float:
             run.optimizer.zero_grad(set_to_none=True)
             return lr
     set_lr(run.optimizer, lr)
+    apply_update(run, skip)
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+def apply_update(run: Run, skip: torch.Tensor, advance: bool = True) -> None:
+    """The optimizer step proper, on the device: guard, mask, clipping and the fused update, each obeying
+    the ``skip`` flag. ``advance=False`` in a captured step (:mod:`.cuda_graph`), which counts the mask's
+    steps on the host itself."""
     run.optimizer.found_inf = skip.float()  # the fused optimizer skips the update on the device
     # gradients are DDP-averaged here. The guard projects them; the mask sets paused subspaces aside and
     # puts them back after the step; the guard holds exactly after Adam and weight decay.
-    with subspace_update(run.detector, run.optimizer, run.controller, run.layer_groups, skip=skip):
+    with subspace_update(
+        run.detector, run.optimizer, run.controller, run.layer_groups, skip=skip, advance=advance
+    ):
         if run.config.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
                 run.detector.trainable_parameters(), run.config.optim.max_grad_norm
             )
         run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return lr
 
 
 def _flush_log(

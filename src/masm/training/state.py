@@ -90,7 +90,9 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     """``optimizer.state_dict()`` as named tensors + a JSON skeleton (non-tensor values kept in JSON)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    skeleton: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    # a capturable optimizer's learning rate is a device tensor: JSON keeps its value
+    groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in g.items()} for g in sd["param_groups"]]
+    skeleton: dict[str, Any] = {"param_groups": groups, "state": {}}
     for idx, entries in sd["state"].items():
         slot: dict[str, Any] = {}
         for key, value in entries.items():

@@ -40,8 +40,8 @@ from ..method import SelectiveMaskController, layer_groups
 from ..models.checkpoint import load_checkpoint
 from ..models.detector import Detector, create_detector
 from ..precision import configure_matmul_precision
+from . import cuda_graph, run_folder
 from . import distributed as dist_utils
-from . import run_folder
 from .checkpoints import RunCheckpoints, truncate_jsonl
 from .config import TrainConfig, config_to_dict
 from .data import DataArg, RunData, build_train_loader, open_run_data, record_in_memory_data
@@ -139,6 +139,7 @@ class Run:
             cfg, self.data.train.records, self.detector.preprocessing, env.rank, env.world_size, env.device
         )
         self.failures = FailureLedger(cfg.data.max_failed_share, len(self.data.train.records))
+        self.captured = cuda_graph.make_captured_step(self) if cfg.cuda_graph else None
 
     # checkpoints -------------------------------------------------------------------------------------------
     def _info(self, kind: str) -> dict[str, Any]:
