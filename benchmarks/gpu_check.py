@@ -1,6 +1,6 @@
 """``make gpu-check``: does masm's GPU path work, and how fast is it? At most 9 minutes 20 s on one GPU.
 
-Three checks, each recorded in a JSON report (written after every check, so a cut-short run still
+Four checks, each recorded in a JSON report (written after every check, so a cut-short run still
 leaves what it measured); the script exits 1 when any check fails or the budget is exceeded:
 
 * ``precision``: a few training steps of MASM and Effort on ViT-L/14 shapes (``clip-vit-l14-random``),
@@ -9,10 +9,14 @@ leaves what it measured); the script exits 1 when any check fails or the budget 
   ``--loss-tol`` / ``--grad-tol``, and everything must stay finite.
 * ``torchrun``: ``torchrun --nproc_per_node 1 -m masm train`` (a process group of one: DDP over NCCL on
   CUDA, gloo on CPU) on a tiny generated dataset, through the final evaluation on the test set.
-* ``speed``: ``masm bench speed --device DEVICE`` at ViT-B/16 and ViT-L/14 shapes, batch 32, bf16, eager
-  and compiled (``--compile``): step time of MASM, full fine-tuning, Effort's reference and the frozen
-  floor, their ratios and peak memory, and whether MASM meets issue 17's targets in each run (its step at
-  most full fine-tuning's, 0.9 × Effort's reference and 1.25 × the floor's).
+* ``graph``: training with ``cuda_graph: true`` (the whole step captured as one CUDA graph and replayed)
+  against eager training, tiny backbone, fp32, same data and seed: the graph must have been replayed, and
+  the trained weights and the logged losses must agree. On CPU the graph's body runs eagerly instead.
+* ``speed``: ``masm bench speed --device DEVICE`` at ViT-B/16 and ViT-L/14 shapes, batch 32, bf16, eager,
+  captured as a CUDA graph (``--cuda-graph``) and compiled (``--compile``): step time of MASM, full
+  fine-tuning, Effort's reference and the frozen floor, their ratios and peak memory, and whether MASM
+  meets issue 17's targets in each run (its step at most full fine-tuning's, 0.9 × Effort's reference and
+  1.25 × the floor's).
 
 ``--device cpu`` runs the same checks on CPU with a tiny backbone (the test suite runs it).
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
-CHECKS = ("precision", "torchrun", "speed")
+CHECKS = ("precision", "graph", "torchrun", "speed")
 # per device: the backbone of the precision check, the speed benchmark's backbone, methods and batch
 DEFAULTS = {
     "cuda": (
@@ -44,8 +48,9 @@ DEFAULTS = {
     ),
     "cpu": ("tiny-clip", "tiny-clip", "masm,frozen-floor", 2),
 }
-# the speed runs per device: eager, and the fastest mode (compiled); CPU's test-suite part stays eager
-SPEED_MODES = {"cuda": ("eager", "compile"), "cpu": ("eager",)}
+# the speed runs per device: eager, and the fast modes (captured, compiled; compiling is the slowest to
+# set up, so it runs last); CPU's test-suite part stays eager
+SPEED_MODES = {"cuda": ("eager", "cuda-graph", "compile"), "cpu": ("eager",)}
 # issue 17: MASM's step against the others', in one run
 STEP_TARGETS = {"masm_vs_full_step": 1.0, "masm_vs_effort_step": 0.9, "masm_vs_floor_step": 1.25}
 
@@ -73,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--speed-backbone",
         help="speed benchmark backbones, comma-separated (cuda: clip-vit-b16-random,clip-vit-l14-random)",
     )
-    parser.add_argument("--speed-modes", help="speed runs: eager and/or compile (cuda: both, cpu: eager)")
+    parser.add_argument(
+        "--speed-modes", help="speed runs: eager, cuda-graph and/or compile (cuda: all three, cpu: eager)"
+    )
     parser.add_argument("--speed-batch-size", type=int, help="speed benchmark batch (cuda: 32)")
     parser.add_argument("--speed-methods", help="speed benchmark methods (cuda: all)")
     parser.add_argument("--speed-steps", type=int, default=5)
@@ -127,9 +134,8 @@ def _run_check(name: str, args: argparse.Namespace, work: Path, remaining_s: flo
     if remaining_s <= 0:
         return {"ok": False, "error": "not run: the time budget was spent"}
     try:
-        result = {"precision": check_precision, "torchrun": check_torchrun, "speed": check_speed}[name](
-            args, work, remaining_s
-        )
+        checks = {"precision": check_precision, "graph": check_graph, "torchrun": check_torchrun}
+        result = {**checks, "speed": check_speed}[name](args, work, remaining_s)
     except Exception as err:
         result = {
             "ok": False,
@@ -280,6 +286,68 @@ def _sync(device) -> None:
 
 
 # -- torchrun -----------------------------------------------------------------------------------------------
+def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dict:
+    """Training with ``cuda_graph: true`` equals eager training (tiny backbone, fp32, 6 epochs)."""
+    from safetensors.torch import load_file
+
+    from masm.training import cuda_graph, load_train_config, train
+
+    data = _tiny_dataset(work / "graph-data")  # 16 frames: 4 steps of 4 an epoch
+    settings = {
+        "device": args.device,
+        "precision": "fp32",
+        "tf32": "false",
+        "epochs": 6,
+        "data.train": f"folder:{data}",
+        "data.val": "none",
+        "model.method.masm.mask.interval": 8,  # recomputed (eagerly) at steps 3, 11 and 19
+    }
+    made = []
+    original = cuda_graph.make_captured_step
+
+    def keep(run):  # on CPU the graph's body runs eagerly, as in tests/test_cuda_graph.py
+        step = original(run) if args.device == "cuda" else cuda_graph.CapturedStep(run, capture=False)
+        made.append(step)
+        return step
+
+    cuda_graph.make_captured_step = keep
+    try:
+        runs = {}
+        for mode in ("eager", "graph"):
+            extra = {"cuda_graph": "true"} if mode == "graph" else {}
+            overrides = [f"{k}={v}" for k, v in {**settings, **extra}.items()]
+            train(load_train_config(TINY_CONFIG, overrides), work / f"graph-{mode}", progress=False)
+            folder = work / f"graph-{mode}"
+            lines = (folder / "metrics.jsonl").read_text().splitlines()
+            runs[mode] = {
+                "weights": load_file(folder / "checkpoints" / "last" / "model.safetensors"),
+                "losses": [json.loads(line)["total"] for line in lines if '"kind": "train"' in line],
+            }
+    finally:
+        cuda_graph.make_captured_step = original
+    eager, graph = runs["eager"], runs["graph"]
+    weight_err = max(
+        (graph["weights"][k].float() - w.float()).abs().max().item() for k, w in eager["weights"].items()
+    )
+    loss_err = max((abs(a - b) for a, b in zip(eager["losses"], graph["losses"])), default=math.inf)
+    captured = made[0]
+    result = {
+        "replays": captured.replays,
+        "max_weight_diff": weight_err,
+        "max_loss_diff": loss_err,
+        "steps": len(graph["losses"]),
+    }
+    failures = []
+    if args.device == "cuda" and captured.replays < 8:
+        failures.append(f"the graph was replayed {captured.replays} times, expected at least 8")
+    if len(graph["losses"]) != len(eager["losses"]) or not weight_err <= 1e-4 or not loss_err <= 1e-4:
+        failures.append(f"graph and eager training differ: weights {weight_err:.2e}, losses {loss_err:.2e}")
+    if failures:
+        result["error"] = "; ".join(failures)
+    result["ok"] = not failures
+    return result
+
+
 def check_torchrun(args: argparse.Namespace, work: Path, remaining_s: float) -> dict:
     """``torchrun --nproc_per_node 1 -m masm train`` through the final test evaluation."""
     data = _tiny_dataset(work / "data")
@@ -379,7 +447,7 @@ def _speed_run(args: argparse.Namespace, work: Path, backbone: str, mode: str, r
     command += ["--backbone", backbone, "--methods", methods, "--out", str(out)]
     command += ["--steps", str(args.speed_steps), "--batch-size", str(args.speed_batch_size)]
     command += ["--warmup", "0"] if args.device == "cpu" else []
-    command += ["--compile"] if mode == "compile" else []
+    command += {"compile": ["--compile"], "cuda-graph": ["--cuda-graph"]}.get(mode, [])
     proc = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, remaining_s))
     result: dict = {"command": " ".join(command), "returncode": proc.returncode}
     result.update(_keep_log(proc, args.out, f"speed-{backbone}-{mode}"))

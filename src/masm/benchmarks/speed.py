@@ -71,6 +71,7 @@ class SpeedSettings:
     threads: int = 0  # 0: torch's default
     precision: str = "auto"  # as the trainer's: bf16 autocast on CUDA, fp32 on CPU (TF32 matmuls on CUDA)
     compile: bool = False  # each method's model through torch.compile (as training's compile: true)
+    cuda_graph: bool = False  # each method's whole step captured as a CUDA graph (training's cuda_graph)
 
 
 def add_arguments(parser) -> None:
@@ -99,6 +100,12 @@ def add_arguments(parser) -> None:
         "are then not counted: a compiled step runs generated kernels, not dispatched operations)",
     )
     parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA only: time each method's whole step captured as one CUDA graph, as training's "
+        "cuda_graph: true (memory, ops and syncs are still those of the eager step)",
+    )
+    parser.add_argument(
         "--measure",
         choices=("all", "memory"),
         default="all",
@@ -119,7 +126,10 @@ def run(args) -> int:
         args.threads,
         args.precision,
         args.compile,
+        args.cuda_graph,
     )
+    if settings.cuda_graph and not str(settings.device).startswith("cuda"):
+        raise MasmError(f"--cuda-graph needs a CUDA device, not {settings.device!r}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(TRAIN_METHODS))
     if unknown:
@@ -220,7 +230,9 @@ def format_results(results: dict) -> str:
     header = ["method", "step ms", "training memory MB", "trainable params", "ops/step", "syncs/step"]
     title = (
         f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']}, "
-        f"precision {s.get('precision', 'auto')}" + (", compiled" if s.get("compile") else "")
+        f"precision {s.get('precision', 'auto')}"
+        + (", compiled" if s.get("compile") else "")
+        + (", captured as a CUDA graph" if s.get("cuda_graph") else "")
     )
     paused = [
         f"{name} mask while timed: {r['mask']}" for name, r in results["train"].items() if r.get("mask")
@@ -330,7 +342,7 @@ def spread_evenly(names: list[str], fraction: float) -> list[str]:
 class _TrainingStep:
     """One method's detector, batch, optimizer and mask controller, and a callable training step."""
 
-    def __init__(self, method: str, settings: SpeedSettings, device):
+    def __init__(self, method: str, settings: SpeedSettings, device, graphed: bool = False):
         import torch
 
         from ..training import make_optimizer
@@ -345,7 +357,8 @@ class _TrainingStep:
         self.x = torch.randn(settings.batch_size, 3, size, size, generator=generator).to(device)
         self.y = torch.randint(0, 2, (settings.batch_size,), generator=generator).to(device)
         self.params = self.detector.trainable_parameters()
-        self.optimizer = make_optimizer(self.params, "adam", lr=1e-4)  # the trainer's optimizer
+        # the trainer's optimizer (capturable under cuda_graph, as the trainer's)
+        self.optimizer = make_optimizer(self.params, "adam", capturable=graphed, lr=1e-4)
         from ..method import layer_groups
 
         # what the trainer keeps: the MASM layers, grouped by shape for the batched guard and regularisers
@@ -360,14 +373,31 @@ class _TrainingStep:
             held = replace(self.masm_config.mask, warmup=0, interval=10**9)  # held as set: no recompute
             self.controller = SelectiveMaskController(self.detector, held)
             self.mask_state = steady_mask(self.controller)
+        # cuda_graph: eager steps on a side stream first, then the step captured once and replayed
+        self.graphed, self.graph, self.eager_steps = graphed, None, 0
 
     def __call__(self) -> None:
+        from ..training.cuda_graph import WARMUP, capture_graph, side_stream
+
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.graphed and self.eager_steps >= WARMUP:
+            self.graph, _ = capture_graph(self.step)
+            self.graph.replay()
+        else:
+            with side_stream(self.graphed):
+                self.step()
+            self.eager_steps += 1
+        _sync(self.device)
+
+    def step(self) -> None:
+        """The trainer's step, without waiting for the device."""
         from ..method import subspace_update, total_loss
         from ..precision import autocast_for
         from ..training.health import not_finite
 
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast_for(self.device, self.precision):
+        with autocast_for(self.device, self.precision, cache=not self.graphed):
             logits = self.forward(self.x)
         loss, terms = total_loss(logits, self.y, self.detector, self.masm_config, self.groups)
         loss.backward()
@@ -378,7 +408,6 @@ class _TrainingStep:
         self.optimizer.found_inf = skip.float()
         with subspace_update(self.detector, self.optimizer, self.controller, self.groups, skip=skip):
             self.optimizer.step()
-        _sync(self.device)
 
 
 def steady_mask(controller) -> dict:
@@ -411,7 +440,7 @@ def _timing_worker(methods: list[str], settings: SpeedSettings) -> dict[str, lis
     from round to round, so each ratio compares steps taken under the same conditions.
     """
     device = _setup(settings)
-    steps = {method: _TrainingStep(method, settings, device) for method in methods}
+    steps = {method: _TrainingStep(method, settings, device, settings.cuda_graph) for method in methods}
     for _ in range(settings.warmup):
         for step in steps.values():
             step()
