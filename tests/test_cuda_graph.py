@@ -17,7 +17,7 @@ from masm.benchmarks.speed import count_dispatched_ops
 from masm.errors import ConfigError
 from masm.training import cuda_graph, load_train_config, train
 from masm.training.state import flatten_optimizer
-from test_train_support import TINY_CONFIG, make_folder_dataset, tiny_overrides
+from test_train_support import TINY_CONFIG, make_folder_dataset, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,11 @@ def test_cuda_graph_is_refused_where_it_cannot_run(tmp_path, data):
         _config(data, cuda_graph="true", **{"optim.grad_accum_steps": 2})
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         train(_config(data, cuda_graph="true", device="cpu"), tmp_path / "cpu", progress=False)
+
+
+def test_the_speed_benchmark_refuses_a_captured_step_off_cuda(monkeypatch, capsys):
+    assert run_cli(["bench", "speed", "--cuda-graph", "--device", "cpu"], monkeypatch) != 0
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
 def test_a_capturable_optimizer_checkpoints_and_resumes(tmp_path, data, monkeypatch):

@@ -68,7 +68,6 @@ class CapturedStep:
     def __init__(self, run: Run, capture: bool = True):
         self.capture = capture
         self.batch_size = run.plan.per_rank_batch
-        self.params = run.detector.trainable_parameters()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple | None = None  # what the graph's replay overwrites: loss terms, gradient norms
         self.grad_names: list[str] = []
