@@ -33,9 +33,9 @@ test: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# On a GPU machine (with a CUDA torch in .venv): bf16 vs fp32 steps on ViT-L/14 shapes, torchrun with NCCL
-# through masm train, and masm bench speed --device cuda (ViT-B/16 and ViT-L/14 shapes, eager and
-# compiled); <= 9 min 20 s, report in benchmarks/results/.
+# On a GPU machine (with a CUDA torch in .venv): bf16 vs fp32 steps on ViT-L/14 shapes, cuda_graph training
+# against eager, torchrun with NCCL through masm train, and masm bench speed --device cuda (ViT-B/16 and
+# ViT-L/14 shapes, eager, captured and compiled); <= 9 min 20 s, report in benchmarks/results/.
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --device cuda --out benchmarks/results/gpu_check.json
 

@@ -192,12 +192,11 @@ class SelectiveMaskController:
             for name in ("U", "s", "V"):
                 active = columns if name == "s" else columns.unsqueeze(1)
                 columns_now.append(active.to(getattr(group, name).dtype))
+        paused_now = [1 - active for active in columns_now]
         if self._masking:  # written in place: a step captured as a CUDA graph reads these very tensors
-            torch._foreach_copy_(self._columns, columns_now)
-            torch._foreach_copy_(self._paused, [1 - active for active in columns_now])
+            torch._foreach_copy_(self._columns + self._paused, columns_now + paused_now)
         else:
-            self._columns = columns_now
-            self._paused = [1 - active for active in columns_now]
+            self._columns, self._paused = columns_now, paused_now
         self._masking = True
 
     @torch.no_grad()
@@ -263,13 +262,9 @@ class SelectiveMaskController:
         """
         self.check_optimizer(optimizer)
         self.observe(skip)
-        if not advance:
-            if self.config.enabled and self.update_due():
-                raise RuntimeError("the mask is due for a recompute at this step: call step() with advance")
-            if self.config.enabled:
-                self.apply(optimizer)
-            return
         if self.config.enabled and self.update_due():
+            if not advance:
+                raise RuntimeError("the mask is due for a recompute at this step: call step() with advance")
             rho = self.learning_state()
             mask = _broadcast(self.compute_mask(rho))
             if skip is not None:  # a refused step leaves the mask as it was, too
@@ -277,7 +272,8 @@ class SelectiveMaskController:
             self.rho = rho
             self.set_mask(mask)
             self._log()
-        self.num_steps += 1
+        if advance:
+            self.advance()
         if self.config.enabled:
             self.apply(optimizer)
 
