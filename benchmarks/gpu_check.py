@@ -10,8 +10,9 @@ leaves what it measured); the script exits 1 when any check fails or the budget 
 * ``torchrun``: ``torchrun --nproc_per_node 1 -m masm train`` (a process group of one: DDP over NCCL on
   CUDA, gloo on CPU) on a tiny generated dataset, through the final evaluation on the test set.
 * ``graph``: training with ``cuda_graph: true`` (the whole step captured as one CUDA graph and replayed)
-  against eager training, tiny backbone, fp32, same data and seed: the graph must have been replayed, and
-  the trained weights and the logged losses must agree. On CPU the graph's body runs eagerly instead.
+  against eager training, tiny backbone, fp32, same data and seed, in one process and under ``torchrun``
+  (DDP over NCCL, one process): the graph must have been replayed, and the trained weights and the logged
+  losses must agree. On CPU the graph's body runs eagerly instead, in one process.
 * ``speed``: ``masm bench speed --device DEVICE`` at ViT-B/16 and ViT-L/14 shapes, batch 32, bf16, eager,
   captured as a CUDA graph (``--cuda-graph``) and compiled (``--compile``): step time of MASM, full
   fine-tuning, Effort's reference and the frozen floor, their ratios and peak memory, and whether MASM
@@ -287,7 +288,8 @@ def _sync(device) -> None:
 
 # -- torchrun -----------------------------------------------------------------------------------------------
 def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dict:
-    """Training with ``cuda_graph: true`` equals eager training (tiny backbone, fp32, 6 epochs)."""
+    """Training with ``cuda_graph: true`` equals eager training (tiny backbone, fp32, 8 epochs), in one
+    process and, on CUDA, under ``torchrun`` (DDP over NCCL, one process: the captured all-reduces)."""
     from safetensors.torch import load_file
 
     from masm.training import cuda_graph, load_train_config, train
@@ -297,10 +299,10 @@ def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dic
         "device": args.device,
         "precision": "fp32",
         "tf32": "false",
-        "epochs": 6,
+        "epochs": 8,
         "data.train": f"folder:{data}",
         "data.val": "none",
-        "model.method.masm.mask.interval": 8,  # recomputed (eagerly) at steps 3, 11 and 19
+        "model.method.masm.mask.interval": 8,  # recomputed (eagerly) at steps 3, 11, 19 and 27
     }
     made = []
     original = cuda_graph.make_captured_step
@@ -325,23 +327,50 @@ def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dic
             }
     finally:
         cuda_graph.make_captured_step = original
-    eager, graph = runs["eager"], runs["graph"]
-    weight_err = max(
-        (graph["weights"][k].float() - w.float()).abs().max().item() for k, w in eager["weights"].items()
-    )
-    loss_err = max((abs(a - b) for a, b in zip(eager["losses"], graph["losses"])), default=math.inf)
-    captured = made[0]
-    result = {
-        "replays": captured.replays,
-        "max_weight_diff": weight_err,
-        "max_loss_diff": loss_err,
-        "steps": len(graph["losses"]),
-    }
+    result: dict = {}
     failures = []
-    if args.device == "cuda" and captured.replays < 8:
-        failures.append(f"the graph was replayed {captured.replays} times, expected at least 8")
-    if len(graph["losses"]) != len(eager["losses"]) or not weight_err <= 1e-4 or not loss_err <= 1e-4:
-        failures.append(f"graph and eager training differ: weights {weight_err:.2e}, losses {loss_err:.2e}")
+    replays = {"graph": made[0].replays}
+    # DDP's captured step needs CUDA (its rank vote is tested on CPU: tests/test_cuda_graph_ddp.py)
+    if args.device == "cuda":
+        overrides = {**settings, "cuda_graph": "true"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+        command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+        command += ["-m", "masm", "train", str(TINY_CONFIG), "--out", str(work / "graph-ddp")]
+        command += ["--no-progress"]
+        command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, remaining_s / 2))
+        result["graph-ddp"] = {"command": " ".join(command), "returncode": proc.returncode}
+        result["graph-ddp"].update(_keep_log(proc, args.out, "graph_ddp"))
+        if proc.returncode != 0:
+            failures.append(f"cuda_graph under torchrun: exit status {proc.returncode}")
+        else:
+            folder = work / "graph-ddp"
+            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            trained = [r for r in records if r["kind"] == "train"]
+            runs["graph-ddp"] = {
+                "weights": load_file(folder / "checkpoints" / "last" / "model.safetensors"),
+                "losses": [r["total"] for r in trained],
+            }
+            replays["graph-ddp"] = trained[-1].get("graph_replays", 0) if trained else 0
+    eager = runs.pop("eager")
+    result["replays"] = replays
+    for mode, graph in runs.items():
+        weight_err = max(
+            (graph["weights"][k].float() - w.float()).abs().max().item() for k, w in eager["weights"].items()
+        )
+        loss_err = max((abs(a - b) for a, b in zip(eager["losses"], graph["losses"])), default=math.inf)
+        result[mode] = {
+            **result.get(mode, {}),
+            "max_weight_diff": weight_err,
+            "max_loss_diff": loss_err,
+            "steps": len(graph["losses"]),
+        }
+        if args.device == "cuda" and replays[mode] < 8:
+            failures.append(f"{mode}: the graph was replayed {replays[mode]} times, expected at least 8")
+        if len(graph["losses"]) != len(eager["losses"]) or not weight_err <= 1e-4 or not loss_err <= 1e-4:
+            failures.append(
+                f"{mode} and eager training differ: weights {weight_err:.2e}, losses {loss_err:.2e}"
+            )
     if failures:
         result["error"] = "; ".join(failures)
     result["ok"] = not failures

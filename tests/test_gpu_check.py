@@ -42,7 +42,7 @@ def test_cpu_part_runs_every_check_and_writes_the_report(tmp_path, monkeypatch):
         and list(report["checks"]) == ["precision", "graph", "torchrun", "speed"]
     )
     graph = report["checks"]["graph"]
-    assert graph["steps"] == 24 and graph["max_weight_diff"] <= 1e-4
+    assert graph["graph"]["steps"] == 32 and graph["graph"]["max_weight_diff"] <= 1e-4
     for method in ("masm", "effort"):
         result = report["checks"]["precision"]["methods"][method]
         assert result["ok"] and result["bf16"]["logits_dtype"] == "torch.bfloat16"

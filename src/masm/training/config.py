@@ -133,10 +133,10 @@ class TrainConfig:
     cuda_graph: bool = field(
         default=False,
         metadata={
-            "help": "one GPU: capture the whole training step (forward, backward, guard, mask, Adam) as one "
+            "help": "CUDA: capture the whole training step (forward, backward, guard, mask, Adam) as one "
             "CUDA graph and replay it, so a step costs one launch instead of thousands; steps the graph "
             "cannot take (a batch with failed frames, the epoch's short last batch, a mask recompute) run "
-            "eagerly. Needs optim.grad_accum_steps: 1"
+            "eagerly, on every rank alike under DDP. Needs optim.grad_accum_steps: 1"
         },
     )
     dist_timeout_s: float | None = field(

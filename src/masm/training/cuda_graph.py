@@ -21,8 +21,12 @@ the replay: the learning rate written into its device tensor, the batch copied i
 mask's step count, the failure ledger, and one small copy of the step's loss terms and gradient norms for
 the log and the non-finite check (the graph overwrites its outputs at the next replay).
 
-One process only: a captured collective must be captured on every rank alike (NCCL's rule), and a rank
-whose frames failed would step eagerly while the others replay.
+Under DDP every rank must replay the graph at the same steps: a launch of a graph holding an NCCL
+collective is itself a collective (NCCL's rule). The ranks agree before each step, by one vote on the host
+(:func:`~.distributed.all_ranks`, gloo: the device's stream is not touched): the graph's step only if every
+rank can take it, else an eager step on every rank. The rest is PyTorch's recipe for DDP in a graph: DDP
+built on a side stream (:mod:`.trainer`), NCCL's asynchronous error handling off (:func:`~.distributed.setup`),
+and :data:`DDP_WARMUP` eager steps before a capture.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from ..errors import ConfigError
 from ..method import total_loss
 from ..precision import autocast_for
+from . import distributed as dist_utils
 from .optim import lr_at, set_lr
 
 if TYPE_CHECKING:
@@ -42,6 +47,8 @@ if TYPE_CHECKING:
 
 #: Eager steps of a phase, on a side stream, before its capture (PyTorch's whole-network recipe uses 3).
 WARMUP = 3
+#: The same under DDP: PyTorch asks for at least 11 DDP-enabled eager iterations before a capture.
+DDP_WARMUP = 11
 
 
 def make_captured_step(run: Run) -> CapturedStep:
@@ -49,12 +56,6 @@ def make_captured_step(run: Run) -> CapturedStep:
     missing."""
     if run.env.device.type != "cuda":
         raise ConfigError(f"cuda_graph: true needs a CUDA device; this run is on {run.env.device}")
-    if run.env.distributed:
-        raise ConfigError(
-            "cuda_graph: true is for one process: under DDP every rank would have to replay the same "
-            "graph at every step, and a rank whose frames failed steps eagerly; use cuda_graph: false "
-            "(compile: true still applies)"
-        )
     return CapturedStep(run, capture=True)
 
 
@@ -77,9 +78,15 @@ class CapturedStep:
         self.labels: torch.Tensor | None = None
         self.kept: list = []  # the operand storage the graph writes, held for as long as it lives
         self.replays = 0
+        self.warmup = DDP_WARMUP if run.env.distributed else WARMUP
+        self.vote_group = dist_utils.host_group(run.env)
 
     def takes(self, run: Run, batch: dict) -> bool:
-        """Whether this micro-batch's step can be the graph's (see the module's docstring)."""
+        """Whether this micro-batch's step is the graph's (see the module's docstring): on every rank
+        alike under DDP."""
+        return dist_utils.all_ranks(run.env, self._fits(run, batch), self.vote_group)
+
+    def _fits(self, run: Run, batch: dict) -> bool:
         pixels = batch["pixel_values"]
         if pixels is None or batch["failed"] or len(pixels) != self.batch_size:
             return False
@@ -93,7 +100,10 @@ class CapturedStep:
         learning rate."""
         ok = len(batch["label"])
         run.failures.add_batch([], ok)
-        run.failures.add_step(*run.failures.take_pending())
+        if run.env.distributed:  # the counts go into the graph's all-reduce, as in the eager step
+            run.health.set_counts(*run.failures.take_pending())
+        else:
+            run.failures.add_step(*run.failures.take_pending())
         lr = lr_at(run.progress.global_step, run.config, run.plan.total_steps)
         set_lr(run.optimizer, lr)
         self._load(batch, run.env.device)
@@ -105,7 +115,7 @@ class CapturedStep:
             self.graph.replay()
             self.replays += 1
             outputs = self.outputs
-        elif not self.capture or self.warm_steps < WARMUP:
+        elif not self.capture or self.warm_steps < self.warmup:
             with side_stream(self.capture):
                 outputs = self._body(run)
             run.optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,8 @@ TIMEOUT_ENV = "MASM_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 2 * 3600.0
 #: Exit status of a rank stopped because another rank failed (the failing rank exits with it too).
 PEER_FAILED_EXIT = 1
+#: NCCL's asynchronous error handling, off for a captured step (see :func:`setup`).
+ASYNC_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 _FAILED_KEY = "masm/failed"
 _FAILURES_KEY = "masm/failures"
 _POLL_S = 0.5
@@ -88,10 +90,14 @@ def timeout_seconds(configured: float | None = None) -> float:
     return float(value)
 
 
-def setup(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
+def setup(device: str = "auto", timeout_s: float | None = None, graph_capture: bool = False) -> DistEnv:
     """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on GPU).
 
     ``timeout_s`` bounds every collective (see :func:`timeout_seconds` for the default).
+    ``graph_capture``: the training step will be captured as a CUDA graph (``cuda_graph: true``), whose
+    collectives NCCL's asynchronous error handling must not watch (PyTorch's recipe for DDP in a graph); it
+    is turned off unless ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` says otherwise. A rank's failure still
+    stops every rank (the watcher below does not rely on NCCL).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -103,6 +109,8 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
     timeout = timedelta(seconds=timeout_seconds(timeout_s))
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
+        if graph_capture:  # read when the NCCL process group is made, so set before it
+            os.environ.setdefault(ASYNC_ERROR_HANDLING_ENV, "0")
     created = False
     if not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
@@ -184,6 +192,26 @@ def any_true(env: DistEnv, flags: torch.Tensor) -> list[bool]:
     if env.distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return [value > 0 for value in flags.tolist()]
+
+
+def host_group(env: DistEnv):
+    """A process group whose collectives run on the host (gloo), for votes that must not touch the
+    device's stream (a captured step's ranks agreeing whether to replay); ``None`` without DDP."""
+    if not env.distributed:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")  # every rank calls this, in the same order
+
+
+def all_ranks(env: DistEnv, flag: bool, group) -> bool:
+    """Whether ``flag`` holds on every rank (one host-side all-reduce in ``group``, from
+    :func:`host_group`; ``flag`` itself without DDP). No device work: nothing waits for the GPU."""
+    if not env.distributed:
+        return flag
+    vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=group)
+    return bool(vote.item())
 
 
 # -- failing together -------------------------------------------------------------------------------------

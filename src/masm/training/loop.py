@@ -187,6 +187,7 @@ def _flush_log(
             "lr": lr,
             **{n: round(v, 6) for n, v in means.items()},
             "frames_failed": run.failures.failed,
+            **({} if run.captured is None else {"graph_replays": run.captured.replays}),
             "elapsed_s": round(time.time() - started, 2),
         }
     )

@@ -128,11 +128,14 @@ class Run:
         self.health = StepHealth(self.detector, env.device, env.distributed)
         self.model: torch.nn.Module = self.detector
         if env.distributed:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.detector,
-                device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False,  # frozen buffers (W_sem) are identical everywhere; do not resend
-            )
+            # built on a side stream when the step is to be captured, as PyTorch's recipe for DDP in a
+            # CUDA graph asks
+            with cuda_graph.side_stream(cfg.cuda_graph and env.device.type == "cuda"):
+                self.model = torch.nn.parallel.DistributedDataParallel(
+                    self.detector,
+                    device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                    broadcast_buffers=False,  # frozen buffers (W_sem) are identical everywhere; do not resend
+                )
         if cfg.compile:  # after DDP, as PyTorch documents: DDP's buckets then split the compiled graph
             self.model = torch.compile(self.model)
         self.plan = build_train_loader(
@@ -301,7 +304,7 @@ def train(
     """
     config = copy.deepcopy(config)
     out = Path(out_dir)
-    env = dist_utils.setup(config.device, config.dist_timeout_s)
+    env = dist_utils.setup(config.device, config.dist_timeout_s, graph_capture=config.cuda_graph)
     failed = True
     try:
         in_memory = (train_data, val_data, test_data)
