@@ -43,6 +43,7 @@ def test_speed_benchmark_reports_every_ratio_and_the_floor(tmp_path, capsys):
         "path_only_vs_floor_step",
         "path_only_vs_effort_step",
         "masm_vs_floor_ops",
+        "masm_vs_floor_flops",
         "fmsd_vs_masm_step",
     ):
         assert math.isfinite(results["ratios"][key]) and results["ratios"][key] > 0, key
@@ -111,3 +112,26 @@ def test_unknown_method_is_one_clear_error():
     args = parser.parse_args(["--methods", "masm,bogus"])
     with pytest.raises(Exception, match="unknown method 'bogus'"):
         speed.run(args)
+
+
+def test_the_low_rank_path_adds_only_its_thin_products_to_the_floors_arithmetic():
+    """MASM's layer path does no ``d_out × d_in`` weight gradient: against the floor, a step adds exactly
+    the products with the Km columns of ``V s`` (forward) and ``U`` (input gradient), its two thin gradient
+    products and the per-pass operand build, counted by :func:`speed.count_flops`; a full-size weight gradient (as
+    Effort's reference computes) would add 2·N·d_out·d_in per layer and fail here."""
+    settings = speed.SpeedSettings("tiny-clip", 2, 1, 0, "cpu", 0, "fp32", False, False)
+    device = speed._setup(settings)
+    steps = {m: speed._TrainingStep(m, settings, device) for m in ("frozen-floor", "masm-path-only")}
+    flops = {m: speed.count_flops(step) for m, step in steps.items()}
+    layers = [m for m in steps["masm-path-only"].detector.modules() if type(m).__name__ == "MASMLinear"]
+    config = steps["masm-path-only"].detector.backbone.config
+    tokens = 2 * ((config.image_size // config.patch_size) ** 2 + 1)  # batch 2, patches and the class token
+    extra = 0
+    for layer in layers:
+        d_in, d_out = layer.in_features, layer.out_features
+        km = layer.num_subspaces * layer.subspace_rank
+        extra += 2 * tokens * km * (d_in + d_out)  # x (V s) in forward, g U in backward
+        extra += 2 * tokens * km * (d_out + d_in)  # the thin gradients (x V s)ᵀ g and (g U)ᵀ x
+        extra += 2 * d_out * d_in * km  # the operand W_sem + U (V s)ᵀ
+    assert layers and flops["frozen-floor"] > 0
+    assert flops["masm-path-only"] - flops["frozen-floor"] == extra

@@ -35,7 +35,8 @@ allocator to ask, and the resident set size mostly shows what glibc keeps cached
 counted exactly from the tensors instead: activations saved for backward (unique storages, through
 ``torch.autograd.graph.saved_tensors_hooks``) + gradients + optimizer state. ``ops/step``: the ATen
 operations one training step dispatches (:func:`count_dispatched_ops`), what bounds a GPU step at small
-batches; ``syncs/step``: those of them that make the host wait for the device.
+batches; ``syncs/step``: those of them that make the host wait for the device; ``GFLOP/step``: its
+arithmetic (:func:`count_flops`), what bounds a step where each operation is large.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ def run_speed_benchmark(
             ratios["masm_vs_full_peak_mem"] = masm["peak_mem_mb"] / train["full"]["peak_mem_mb"]
         if "frozen-floor" in train and masm["ops_per_step"] is not None:
             ratios["masm_vs_floor_ops"] = masm["ops_per_step"] / train["frozen-floor"]["ops_per_step"]
+        if "frozen-floor" in train and masm.get("gflop_per_step"):
+            ratios["masm_vs_floor_flops"] = masm["gflop_per_step"] / train["frozen-floor"]["gflop_per_step"]
         if masm["syncs_per_step"] is not None:
             ratios["masm_syncs_per_step"] = masm["syncs_per_step"]
     if "frozen-floor" in train and "effort-reference" in train:
@@ -224,10 +227,12 @@ def format_results(results: dict) -> str:
             r["trainable"],
             r.get("ops_per_step", ""),
             r.get("syncs_per_step", ""),
+            r.get("gflop_per_step", ""),
         ]
         for name, r in results["train"].items()
     ]
     header = ["method", "step ms", "training memory MB", "trainable params", "ops/step", "syncs/step"]
+    header.append("GFLOP/step")
     title = (
         f"Training step, {s['backbone']}, batch {s['batch_size']}, {s['device']}, "
         f"precision {s.get('precision', 'auto')}"
@@ -471,6 +476,7 @@ def _memory_worker(method: str, settings: SpeedSettings) -> dict:
         "trainable": sum(p.numel() for p in step.params),
         "ops_per_step": ops,
         "syncs_per_step": syncs,
+        "gflop_per_step": None if settings.compile else count_flops(step) / 1e9,
         **({"mask": step.mask_state} if step.mask_state else {}),
     }
 
@@ -505,6 +511,34 @@ def count_dispatched_ops(fn) -> tuple[int, int]:
     with Counter() as counter:
         fn()
     return counter.count, counter.syncs
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of ``fn()`` (``torch.utils.flop_counter``: matmuls, convolutions and
+    attention, 2 per multiply-add; element-wise work is not counted).
+
+    Against a step's time, it tells arithmetic from the rest: a step whose time grows faster than its
+    operations pays for memory traffic, small or odd-shaped matmuls, or dispatch. The CPU's flash attention,
+    which PyTorch's counter does not know, is counted with its formula for the other attention kernels.
+    """
+    import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+
+    def attention(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: attention,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward,
+    }
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def _copies_to_host(func, args, kwargs) -> bool:

@@ -5,7 +5,7 @@ by arithmetic: ViT-B/16 has 48 adapted attention projections and ViT-L/14 96, al
 :class:`LayerGroup` keeps the factors of its layers as one Parameter each (``U``: layers × d_out × Km,
 ``s``: layers × Km, ``V``: layers × d_in × Km) and the frozen tensors as one buffer each; a layer reads
 row ``i`` of them. So the optimizer, the guard, the regularisers and the mask's statistics take a handful of
-operations per group, whatever its size, and the fused operands every layer's matmul reads are built for
+operations per group, whatever its size, and the operands every layer's matmuls read are built for
 the whole group in one batched product per forward pass.
 
 The layers keep their own names: a model's state dict holds ``….q_proj.U`` and so on for every layer
@@ -52,9 +52,9 @@ class LayerGroup(nn.Module):
     def __len__(self) -> int:
         return self.U.shape[0]
 
-    # -- the fused operands, built once per forward pass of the model -------------------------------------
+    # -- the operands, built once per forward pass of the model -------------------------------------------
     def begin_pass(self) -> None:
-        """Build every layer's fused operands for the model's forward that starts now (called by the hook
+        """Build every layer's operands for the model's forward that starts now (called by the hook
         :func:`~masm.method.apply_masm` puts on the model). Built in one go for the group, from the current
         factors; kept only until the forward ends, so no later forward can see stale ones."""
         from .layer import group_operands, operand_dtype

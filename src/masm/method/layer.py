@@ -170,11 +170,11 @@ class MASMLinear(nn.Module):
         arguments = self.group.pass_arguments(self.index)
         if arguments is None:  # called outside its model's forward: operands of this layer alone
             arguments = self.group.operands_of(self.index, operand_dtype(self.group, x))
-        forward, bias, backward, u_token, vs_token = arguments
+        weight = arguments[0]
         with torch.autocast(x.device.type, enabled=False):
             # The hand-written backward runs in the operands' dtype (autocast's, in mixed precision);
             # autocast would otherwise leave the custom Function and fall back to plain autograd.
-            return _LowRankLinear.apply(x.to(forward.dtype), forward, bias, backward, u_token, vs_token)
+            return _LowRankLinear.apply(x.to(weight.dtype), *arguments)
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight_sem + ((self.U * self.s) @ self.V.T).to(self.weight_sem.dtype)
@@ -246,7 +246,7 @@ _LAYOUT_ATTRIBUTES = frozenset(
 
 
 def operand_dtype(group: LayerGroup, x: torch.Tensor | None = None) -> torch.dtype:
-    """The dtype of the fused operands: autocast's in mixed precision, else the input's (the frozen
+    """The dtype of the operands: autocast's in mixed precision, else the input's (the frozen
     weight's when no input is at hand)."""
     device = group.U.device.type
     if torch.is_autocast_enabled(device):
@@ -265,45 +265,38 @@ def _join_per_subspace_keys(state_dict: dict, prefix: str, num_subspaces: int) -
         state_dict[prefix + name] = torch.cat(parts, dim=-1)
 
 
-def fill_operands(U, s, V, weight_sem, bias, dtype, out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fused operands of a group's layers (leading dimension: layers), in ``dtype``.
+def fill_operands(U, s, V, weight_sem, dtype, out=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operands of a group's layers (leading dimension: layers), in ``dtype``: ``(W_eff, V s, U)``
+    with ``W_eff = W_sem + U (V s)ᵀ``, the sum in the factors' precision.
 
-    ``weights[i] = [[W_sem + U (V s)ᵀ, U], [(V s)ᵀ, 0]]`` and ``bias[i] = [b, 0]``, the sum in the factors'
-    precision. With them a layer's forward is one matmul, ``x [W_eff; (V s)ᵀ]ᵀ = [y | x V s]``, and its
-    backward one more, ``g [W_eff | U] = [dx | g U]``: the low-rank terms ride along as Km extra columns of
-    the matmul any adapter of the layer pays for, instead of thin matmuls that read the activations again.
-    One batched product builds every layer's ``W_eff``. ``out``: ``(weights, bias)`` of an earlier call to
-    write into (see :meth:`LayerGroup.reusable_operands`), or ``None``.
+    With them a layer's forward is ``y = x W_effᵀ + b`` and ``x (V s)``, its backward ``dx = g W_eff`` and
+    ``g U``, plus the two thin gradients: the low-rank factors never enter the big matmuls, which keep the
+    plain Linear's shapes (and its contiguous outputs). One batched product builds every layer's
+    ``W_eff``. ``out``: ``(W_eff,)`` of an earlier call to write into (see
+    :meth:`LayerGroup.reusable_operands`), or ``None``.
     """
-    layers, d_out, km = U.shape
-    d_in = V.shape[1]
     Vs = V * s.unsqueeze(1)
-    weights = U.new_empty((layers, d_out + km, d_in + km), dtype=dtype) if out is None else out[0]
-    if dtype == U.dtype == weight_sem.dtype and not torch.compiler.is_compiling():
-        # straight into place (torch.compile takes no strided out=; it fuses the copy instead)
-        torch.baddbmm(weight_sem, U, Vs.mT, out=weights[:, :d_out, :d_in])
+    target = None if out is None or torch.compiler.is_compiling() else out[0]  # compile allocates itself
+    if dtype == U.dtype == weight_sem.dtype:
+        weights = torch.baddbmm(weight_sem, U, Vs.mT, out=target)
+    elif target is not None:
+        weights = target.copy_(torch.baddbmm(weight_sem.to(U.dtype), U, Vs.mT))
     else:
-        weights[:, :d_out, :d_in] = torch.baddbmm(weight_sem.to(U.dtype), U, Vs.mT)
-    weights[:, :d_out, d_in:] = U
-    weights[:, d_out:, :d_in] = Vs.mT
-    weights[:, d_out:, d_in:] = 0
-    if bias is None:
-        return weights, None
-    fused_bias = U.new_zeros((layers, d_out + km), dtype=dtype) if out is None else out[1]
-    fused_bias[:, :d_out] = bias
-    return weights, fused_bias
+        weights = torch.baddbmm(weight_sem.to(U.dtype), U, Vs.mT).to(dtype)
+    # detached: the big matmuls' operands are not differentiable (the tokens carry the factors' gradients)
+    return weights, Vs.to(dtype), U.detach().to(dtype)
 
 
 class _GroupOperands(torch.autograd.Function):
-    """The fused operands of a group (:func:`fill_operands`), and for each factor side a token whose
-    gradient is the layers' thin gradient, transposed: ``∂L/∂Uᵀ`` (layers × Km × d_out) and
-    ``∂L/∂(V s)ᵀ`` (layers × Km × d_in). Backward turns them into the factors' gradients, for the whole group at once: the
-    layers' gradients arrive stacked (autograd's ``unbind`` backward), never added up one by one.
+    """The operands of a group (:func:`fill_operands`), and for each factor side a token whose gradient is
+    the layers' thin gradient, transposed: ``∂L/∂Uᵀ`` (layers × Km × d_out) and ``∂L/∂(V s)ᵀ`` (layers ×
+    Km × d_in). Backward turns them into the factors' gradients, for the whole group at once: the layers'
+    gradients arrive stacked (autograd's ``unbind`` backward), never added up one by one.
     """
 
     @staticmethod
-    def forward(ctx, U, s, V, weight_sem, bias, dtype, out):
-        weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype, out)
+    def forward(ctx, U, s, V, weight_sem, dtype, out):
+        weights, Vs, U_op = fill_operands(U, s, V, weight_sem, dtype, out)
         layers, d_out, km = U.shape
         # Tokens carry no values (a broadcast scalar): only their gradients matter. Km × d per layer, the
         # layout in which the layers compute them.
@@ -311,13 +304,13 @@ class _GroupOperands(torch.autograd.Function):
         vs_token = weights.new_empty((1, 1, 1)).expand(layers, km, V.shape[1])
         ctx.save_for_backward(s, V)
         ctx.factor_dtype = U.dtype
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the big operands
-        ctx.mark_non_differentiable(weights, *(() if fused_bias is None else (fused_bias,)))
-        return weights, fused_bias, u_token, vs_token
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the operands
+        ctx.mark_non_differentiable(weights, Vs, U_op)
+        return weights, Vs, U_op, u_token, vs_token
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, _weights, _bias, grad_u, grad_vs):
+    def backward(ctx, _weights, _Vs, _U, grad_u, grad_vs):
         s, V = ctx.saved_tensors
         grad_U = grad_s = grad_V = None
         if grad_u is not None:
@@ -326,68 +319,64 @@ class _GroupOperands(torch.autograd.Function):
             grad_vs = grad_vs.mT.to(ctx.factor_dtype)
             grad_s = (grad_vs * V).sum(1)
             grad_V = grad_vs * s.unsqueeze(1)
-        return grad_U, grad_s, grad_V, None, None, None, None
+        return grad_U, grad_s, grad_V, None, None, None
 
 
 def group_operands(U, s, V, weight_sem, bias, dtype, track: bool, out=None) -> tuple[list[tuple], tuple]:
-    """Per layer: ``(forward, bias, backward, u_token, vs_token)`` as :class:`_LowRankLinear` takes them
-    (tokens ``None`` when the factors' gradients are not needed); and the ``(weights, bias)`` storage they
-    view. ``out``: as for :func:`fill_operands`."""
-    d_in = V.shape[1]
-    d_out = U.shape[1]
+    """Per layer: ``(W_eff, bias, U, V s, u_token, vs_token)`` as :class:`_LowRankLinear` takes them
+    (tokens ``None`` when the factors' gradients are not needed); and the ``(W_eff,)`` storage they view.
+    ``out``: as for :func:`fill_operands`."""
     if track:
-        weights, fused_bias, u_token, vs_token = _GroupOperands.apply(U, s, V, weight_sem, bias, dtype, out)
+        weights, Vs, U_op, u_token, vs_token = _GroupOperands.apply(U, s, V, weight_sem, dtype, out)
         u_tokens, vs_tokens = u_token.unbind(0), vs_token.unbind(0)
     else:
         with torch.no_grad():
-            weights, fused_bias = fill_operands(U, s, V, weight_sem, bias, dtype, out)
+            weights, Vs, U_op = fill_operands(U, s, V, weight_sem, dtype, out)
         u_tokens = vs_tokens = (None,) * U.shape[0]
-    forwards = weights[:, :, :d_in].mT.unbind(0)  # x @ forward + bias = [y | x V s]
-    backwards = weights[:, :d_out].unbind(0)  # g @ backward = [dx | g U]
-    biases = (None,) * U.shape[0] if fused_bias is None else fused_bias.unbind(0)
-    return list(zip(forwards, biases, backwards, u_tokens, vs_tokens)), (weights, fused_bias)
+    biases = (None,) * U.shape[0] if bias is None else bias.to(dtype).unbind(0)
+    per_layer = zip(weights.unbind(0), biases, U_op.unbind(0), Vs.unbind(0), u_tokens, vs_tokens)
+    return list(per_layer), (weights,)
 
 
 class _LowRankLinear(torch.autograd.Function):
     """``x W_semᵀ + b + ((x V) ⊙ s) Uᵀ`` with a hand-written backward, from the operands of
     :func:`group_operands`.
 
-    forward:  ``[y | x V s] = x [W_eff; (V s)ᵀ]ᵀ + [b, 0]``, one matmul, with ``W_eff = W_sem + U (V s)ᵀ``;
-    backward: ``[dx | g U] = g [W_eff | U]``, one matmul, and the thin gradients of the tokens,
-    ``∂L/∂U = gᵀ (x V s)`` and ``∂L/∂(V s) = xᵀ (g U)`` (Km × d products, no ``d_out × d_in`` weight
-    gradient), which :class:`_GroupOperands` turns into the factors' gradients.
+    forward:  ``y = x W_effᵀ + b`` with ``W_eff = W_sem + U (V s)ᵀ``, and ``x V s`` (tokens × Km) for
+    backward; backward: ``dx = g W_eff``, and the thin gradients of the tokens, ``∂L/∂U = gᵀ (x V s)`` and
+    ``∂L/∂(V s) = xᵀ (g U)`` (Km × d products, no ``d_out × d_in`` weight gradient), which
+    :class:`_GroupOperands` turns into the factors' gradients. The big matmuls are the plain Linear's, with
+    its shapes and contiguous outputs: on the CPU, folding the thin products into them as Km extra columns
+    made a ViT-B/16 block slower (odd-width matmuls, strided outputs copied downstream).
     """
 
     @staticmethod
-    def forward(ctx, x, forward, bias, backward, u_token, vs_token):
-        d_in, d_out = forward.shape[0], backward.shape[0]
+    def forward(ctx, x, weight, bias, U, Vs, u_token, vs_token):
+        d_out, d_in = weight.shape
         x2 = x.reshape(-1, d_in)
-        both = x2 @ forward if bias is None else torch.addmm(bias, x2, forward)
-        y, low_rank = both.split((d_out, forward.shape[1] - d_out), dim=1)
-        # x V s is copied out (tokens × Km) so that backward does not keep the whole output alive
-        ctx.save_for_backward(x2, backward, low_rank.clone())
+        y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+        track = u_token is not None or vs_token is not None
+        low_rank = x2 @ Vs if track else None  # x V s, tokens × Km
+        ctx.save_for_backward(x2, weight, U, low_rank)
         ctx.shapes = (x.shape, d_out, d_in)
-        return _rows_for_device(y).view(*x.shape[:-1], d_out)
+        return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x2, backward, low_rank = ctx.saved_tensors
+        x2, weight, U, low_rank = ctx.saved_tensors
         x_shape, d_out, d_in = ctx.shapes
         g = grad_out.reshape(-1, d_out)
         grad_x = grad_u = grad_vs = None
         if ctx.needs_input_grad[0]:
-            grad_x, g_low = (g @ backward).split((d_in, backward.shape[1] - d_in), dim=1)  # [g W_eff | g U]
-            grad_x = _rows_for_device(grad_x).view(x_shape)
-        else:
-            g_low = g @ backward[:, d_in:]
+            grad_x = (g @ weight).view(x_shape)
         # The thin gradients as Km × d (the tokens' layout): (x V s)ᵀ g and (g U)ᵀ x reduce over the tokens
         # along contiguous rows, and need one transpose each, not two.
-        if ctx.needs_input_grad[4]:
-            grad_u = low_rank.T @ g  # Km × d_out
         if ctx.needs_input_grad[5]:
-            grad_vs = g_low.T @ x2  # Km × d_in
-        return grad_x, None, None, None, grad_u, grad_vs
+            grad_u = low_rank.T @ g  # Km × d_out
+        if ctx.needs_input_grad[6]:
+            grad_vs = (g @ U).T @ x2  # Km × d_in
+        return grad_x, None, None, None, None, grad_u, grad_vs
 
 
 def low_rank_linear(x, weight_sem, bias, U, s, V) -> torch.Tensor:
@@ -397,19 +386,8 @@ def low_rank_linear(x, weight_sem, bias, U, s, V) -> torch.Tensor:
     dtype = x.dtype
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (U, s, V))
     b = None if bias is None else bias.unsqueeze(0)
-    forward, fused_bias, backward, u_token, vs_token = group_operands(*rows, b, dtype, track)[0][0]
-    return _LowRankLinear.apply(x, forward, fused_bias, backward, u_token, vs_token)
-
-
-def _rows_for_device(columns: torch.Tensor) -> torch.Tensor:
-    """The leading columns of a fused product, as the next operation can take them.
-
-    On CPU the strided view goes on as it is (a copy costs a pass over the activations, measurable there).
-    CUDA's attention kernels reject it: the memory-efficient kernel needs aligned row strides ("query is
-    not correctly aligned") and cuDNN's attention fails on them in backward, so off CPU the rows are made
-    contiguous; the copy is a small fraction of a GPU step.
-    """
-    return columns if columns.device.type == "cpu" else columns.contiguous()
+    operands = group_operands(*rows, b, dtype, track)[0][0]
+    return _LowRankLinear.apply(x, *operands)
 
 
 def overlap(Q: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
