@@ -77,7 +77,7 @@ def test_masm_step_dispatches_few_operations_per_adapted_layer_and_never_waits_f
     H100: ~20 µs each). A group's layers share one tensor per factor, so the optimizer, the guard, the
     regularisers and the mask take a fixed number of operations per group; looping over layers or
     subspaces again (a per-layer stack of the factors alone added ~9 per layer) fails here (measured at
-    this code: 295 more than the floor's 453). The step runs
+    this code: 274 more than the floor's 453). The step runs
     with the mask active (:func:`steady_mask`) and must not read anything on the host."""
     import torch
 
