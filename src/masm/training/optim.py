@@ -61,6 +61,8 @@ def make_optimizer(
     learning rate is a device tensor, which :func:`set_lr` writes in place (a replay reads it from there).
     """
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    if capturable:
-        kwargs["lr"] = torch.tensor(float(kwargs.get("lr", 1e-3)), device=params[0].device)
-    return cls(params, fused=True, capturable=capturable, **kwargs)
+    optimizer = cls(params, fused=True, capturable=capturable, **kwargs)
+    if capturable:  # the optimizer's own value (given or default), as a device tensor
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=params[0].device)
+    return optimizer
