@@ -286,12 +286,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-# -- torchrun -----------------------------------------------------------------------------------------------
+# -- graph and torchrun -------------------------------------------------------------------------------------
 def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dict:
     """Training with ``cuda_graph: true`` equals eager training (tiny backbone, fp32, 8 epochs), in one
-    process and, on CUDA, under ``torchrun`` (DDP over NCCL, one process: the captured all-reduces)."""
-    from safetensors.torch import load_file
-
+    process and, on CUDA, under ``torchrun`` (DDP over NCCL, one process: the captured all-reduces). The
+    replays are counted from the runs' logs (``graph_replays``)."""
     from masm.training import cuda_graph, load_train_config, train
 
     data = _tiny_dataset(work / "graph-data")  # 16 frames: 4 steps of 4 an epoch
@@ -304,32 +303,21 @@ def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dic
         "data.val": "none",
         "model.method.masm.mask.interval": 8,  # recomputed (eagerly) at steps 3, 11, 19 and 27
     }
-    made = []
     original = cuda_graph.make_captured_step
-
-    def keep(run):  # on CPU the graph's body runs eagerly, as in tests/test_cuda_graph.py
-        step = original(run) if args.device == "cuda" else cuda_graph.CapturedStep(run, capture=False)
-        made.append(step)
-        return step
-
-    cuda_graph.make_captured_step = keep
+    if args.device != "cuda":  # on CPU the graph's body runs eagerly, as in tests/test_cuda_graph.py
+        cuda_graph.make_captured_step = lambda run: cuda_graph.CapturedStep(run, capture=False)
     try:
         runs = {}
         for mode in ("eager", "graph"):
             extra = {"cuda_graph": "true"} if mode == "graph" else {}
             overrides = [f"{k}={v}" for k, v in {**settings, **extra}.items()]
             train(load_train_config(TINY_CONFIG, overrides), work / f"graph-{mode}", progress=False)
-            folder = work / f"graph-{mode}"
-            lines = (folder / "metrics.jsonl").read_text().splitlines()
-            runs[mode] = {
-                "weights": load_file(folder / "checkpoints" / "last" / "model.safetensors"),
-                "losses": [json.loads(line)["total"] for line in lines if '"kind": "train"' in line],
-            }
+            runs[mode] = _trained(work / f"graph-{mode}")
     finally:
         cuda_graph.make_captured_step = original
     result: dict = {}
     failures = []
-    replays = {"graph": made[0].replays}
+    replays = {"graph": runs["graph"].pop("replays")}
     # DDP's captured step needs CUDA (its rank vote is tested on CPU: tests/test_cuda_graph_ddp.py)
     if args.device == "cuda":
         overrides = {**settings, "cuda_graph": "true"}
@@ -344,14 +332,8 @@ def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dic
         if proc.returncode != 0:
             failures.append(f"cuda_graph under torchrun: exit status {proc.returncode}")
         else:
-            folder = work / "graph-ddp"
-            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-            trained = [r for r in records if r["kind"] == "train"]
-            runs["graph-ddp"] = {
-                "weights": load_file(folder / "checkpoints" / "last" / "model.safetensors"),
-                "losses": [r["total"] for r in trained],
-            }
-            replays["graph-ddp"] = trained[-1].get("graph_replays", 0) if trained else 0
+            runs["graph-ddp"] = _trained(work / "graph-ddp")
+            replays["graph-ddp"] = runs["graph-ddp"].pop("replays")
     eager = runs.pop("eager")
     result["replays"] = replays
     for mode, graph in runs.items():
@@ -375,6 +357,19 @@ def check_graph(args: argparse.Namespace, work: Path, remaining_s: float) -> dic
         result["error"] = "; ".join(failures)
     result["ok"] = not failures
     return result
+
+
+def _trained(folder: Path) -> dict:
+    """A finished run's last weights, its logged losses and how many steps were graph replays."""
+    from safetensors.torch import load_file
+
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if r["kind"] == "train"]
+    return {
+        "weights": load_file(folder / "checkpoints" / "last" / "model.safetensors"),
+        "losses": [r["total"] for r in trained],
+        "replays": trained[-1].get("graph_replays", 0) if trained else 0,
+    }
 
 
 def check_torchrun(args: argparse.Namespace, work: Path, remaining_s: float) -> dict:
