@@ -100,10 +100,7 @@ class CapturedStep:
         learning rate."""
         ok = len(batch["label"])
         run.failures.add_batch([], ok)
-        if run.env.distributed:  # the counts go into the graph's all-reduce, as in the eager step
-            run.health.set_counts(*run.failures.take_pending())
-        else:
-            run.failures.add_step(*run.failures.take_pending())
+        run.health.count_samples(run)  # under DDP into the graph's all-reduce, as in the eager step
         lr = lr_at(run.progress.global_step, run.config, run.plan.total_steps)
         set_lr(run.optimizer, lr)
         self._load(batch, run.env.device)

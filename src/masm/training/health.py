@@ -47,14 +47,19 @@ class StepHealth:
         """The skip flag of the step about to be taken (a device tensor); counts this rank's samples."""
         losses = [t["total"] for t in run.group_terms]
         named = [(n, p.grad) for n, p in self.named_trainable if p.grad is not None]
+        self.count_samples(run)
+        skip, norms = self.flags(losses, [g for _, g in named])
+        self.record(run, list(run.group_terms), [n for n, _ in named], norms)
+        return skip
+
+    def count_samples(self, run: Run) -> None:
+        """Count this rank's samples of the coming step: in the ledger alone, into :meth:`flags`'s
+        all-reduce under DDP (the counts then reach the ledger at a check point)."""
         ok, failed = run.failures.take_pending()
         if self.distributed:
             self.set_counts(ok, failed)
         else:
             run.failures.add_step(ok, failed)
-        skip, norms = self.flags(losses, [g for _, g in named])
-        self.record(run, list(run.group_terms), [n for n, _ in named], norms)
-        return skip
 
     def set_counts(self, ok: int, failed: int) -> None:
         """This rank's samples of the coming step (under DDP; written in place, for :meth:`flags`)."""
