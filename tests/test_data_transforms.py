@@ -8,8 +8,8 @@ import torch
 
 from data_fixtures import write_png
 from masm.data.dataset import FrameDataset, collate_frames
+from masm.data.index import FrameRecord
 from masm.data.perturb import PERTURBATIONS, apply_perturbation, parse_perturbation
-from masm.data.spec import FrameRecord
 from masm.data.transforms import AugmentConfig, build_transform
 from masm.errors import ConfigError
 from masm.models.preprocessing import Preprocessing

@@ -1,4 +1,4 @@
-"""A torch Dataset over :class:`masm.data.spec.FrameRecord` lists that never hides a failed frame.
+"""A torch Dataset over :class:`masm.data.index.FrameRecord` lists that never hides a failed frame.
 
 A frame that cannot be loaded is returned as a sample carrying its error (``pixel_values`` ``None``),
 not replaced by another sample; :func:`collate_frames` moves such samples into ``batch["failed"]`` so
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from masm.errors import DataError
 
 from .images import load_rgb
-from .spec import FrameRecord
+from .index import FrameRecord
 from .transforms import FrameTransform
 
 

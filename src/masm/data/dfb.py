@@ -16,8 +16,8 @@ from pathlib import Path
 
 from masm.errors import DataError
 
+from .index import FrameIndex, SkipLog, VideoEntry, build_index
 from .labels import FAKE, resolve_label
-from .spec import FrameIndex, SkipLog, VideoEntry, build_index
 
 SPLITS = ("train", "val", "test")
 COMPRESSIONS = ("c23", "c40", "raw")

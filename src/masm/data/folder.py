@@ -15,8 +15,8 @@ from pathlib import Path
 from masm.errors import DataError
 
 from .images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .index import FrameIndex, SkipLog, VideoEntry, build_index
 from .labels import FAKE, REAL
-from .spec import FrameIndex, SkipLog, VideoEntry, build_index
 
 _METADATA = {".json", ".md", ".txt", ".yaml", ".yml"}
 _KNOWN = ("real", "fake", "masks")

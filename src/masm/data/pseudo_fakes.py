@@ -8,7 +8,7 @@ forgeries during training, so the training set is every real frame times an endl
 manipulations instead of a fixed folder of fakes.
 
 A real training frame becomes, with probability ``probability``, a pseudo-fake (label 1) of one of the
-configured ``families`` (the local forgery families of :mod:`masm.data.synth`; ``blend`` is SBI's
+configured ``families`` (the local forgery families of :mod:`masm.data.synth_families`; ``blend`` is SBI's
 self-blending). The manipulated region follows the face where the frame holds one (``region: auto``:
 the convex hull of dlib's 68 landmarks, randomly grown or shrunk and feathered, as in SBI) and is a random
 soft blob otherwise. With ``post_process`` every training frame, real or fake, goes through the same
@@ -29,7 +29,7 @@ import numpy as np
 
 from masm.errors import ConfigError
 
-from . import synth
+from . import synth_families
 
 
 @dataclass
@@ -41,7 +41,7 @@ class PseudoFakeConfig:
     )
     families: list[str] = field(
         default_factory=lambda: ["blend"],
-        metadata={"help": f"forgery families drawn uniformly, from: {', '.join(synth.FAMILIES)}"},
+        metadata={"help": f"forgery families drawn uniformly, from: {', '.join(synth_families.FAMILIES)}"},
     )
     strength: float = field(default=1.0, metadata={"help": "artifact magnitude (1 = subtle, 3 = strong)"})
     region: Literal["auto", "face", "random"] = field(
@@ -65,7 +65,7 @@ class PseudoFakeConfig:
             raise ConfigError(f"pseudo_fakes.probability must be in [0, 1], got {self.probability}")
         if not 0 < self.strength <= 10:
             raise ConfigError(f"pseudo_fakes.strength must be in (0, 10], got {self.strength}")
-        self.families = synth.check_families(self.families)
+        self.families = synth_families.check_families(self.families)
 
     @property
     def enabled(self) -> bool:
@@ -102,13 +102,13 @@ class PseudoFakeMaker:
         if make_fake:
             region = self._region(rgb, rng)
             if region is not None:
-                image = synth.forge(image, family, region, rng, self.donors, cfg.strength)
+                image = synth_families.forge(image, family, region, rng, self.donors, cfg.strength)
                 label = 1
             else:
                 family = None
         if cfg.post_process:
-            return synth.post_process(image, rng), label, family
-        return synth.to_uint8(image), label, family
+            return synth_families.post_process(image, rng), label, family
+        return synth_families.to_uint8(image), label, family
 
     def _region(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
         size = rgb.shape[0]
@@ -118,7 +118,7 @@ class PseudoFakeMaker:
                 return face_region(points, size, rng)
             if self.config.region == "face":
                 return None
-        return synth.random_region(rng, size)
+        return synth_families.random_region(rng, size)
 
 
 def face_region(points: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.dataset import FrameDataset, collate_frames
 from ..data.images import load_rgb
+from ..data.index import FrameIndex, FrameRecord
 from ..data.pseudo_fakes import PseudoFakeConfig, PseudoFakeMaker
 from ..data.sampling import derive_seed
-from ..data.spec import FrameIndex, FrameRecord, open_dataset
+from ..data.spec import open_dataset
 from ..data.transforms import build_transform, resize_square
 from ..errors import ConfigError, DataError
 from .config import TrainConfig
