@@ -43,7 +43,7 @@ from . import distributed as dist_utils
 from .optim import lr_at, set_lr
 
 if TYPE_CHECKING:
-    from .trainer import Run
+    from .run_state import Run
 
 #: Eager steps of a phase, on a side stream, before its capture (PyTorch's whole-network recipe uses 3).
 WARMUP = 3

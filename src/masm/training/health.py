@@ -22,7 +22,7 @@ from ..errors import MasmError
 from . import distributed as dist_utils
 
 if TYPE_CHECKING:
-    from .trainer import Run
+    from .run_state import Run
 
 
 @dataclass

@@ -21,7 +21,7 @@ from . import distributed as dist_utils
 from .optim import lr_at, set_lr
 
 if TYPE_CHECKING:
-    from .trainer import Run
+    from .run_state import Run
 
 
 def fit(run: Run) -> None:

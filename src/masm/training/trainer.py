@@ -3,10 +3,10 @@
 The trainer never branches on the fine-tuning method: it builds the detector with
 :func:`~masm.models.create_detector`, trains its trainable parameters with Adam/AdamW on
 :func:`~masm.method.total_loss`, and runs the :class:`~masm.method.SelectiveMaskController` when the method
-has a mask. The parts live in their own modules: the data (:mod:`.data`), the optimizer and schedule
-(:mod:`.optim`), the loop (:mod:`.loop`), validation (:mod:`.validation`), checkpoints (:mod:`.checkpoints`),
-the run folder and resume's config (:mod:`.run_folder`), failed samples (:mod:`.failures`). Outputs of a run
-in ``out_dir``::
+has a mask. Here the run is built, resumed and driven; the parts live in their own modules: the run's
+state (:mod:`.run_state`), the data (:mod:`.data`), the optimizer and schedule (:mod:`.optim`), the loop
+(:mod:`.loop`), validation (:mod:`.validation`), checkpoints (:mod:`.checkpoints`), the run folder and
+resume's config (:mod:`.run_folder`), failed samples (:mod:`.failures`). Outputs of a run in ``out_dir``::
 
     config.yaml             the resolved TrainConfig (trains again as it is)
     changes.jsonl           config changes a resume was allowed to make (``--resume-changed``)
@@ -35,10 +35,11 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, MasmError
-from ..evaluation.evaluate import Shard, evaluate_detector
+from ..evaluation.evaluate import Shard
+from ..explain.evaluate import evaluate_detector
 from ..method import SelectiveMaskController, layer_groups
 from ..models.checkpoint import load_checkpoint
-from ..models.detector import Detector, create_detector
+from ..models.detector import create_detector
 from ..precision import configure_matmul_precision
 from . import cuda_graph, run_folder
 from . import distributed as dist_utils
@@ -50,8 +51,8 @@ from .health import StepHealth
 from .layer_selection import needs_selection, select_layers
 from .loop import fit
 from .optim import optimizer_for
+from .run_state import Run
 from .state import Progress, seed_everything
-from .validation import Selection, eval_record
 
 logger = logging.getLogger(__name__)
 
@@ -87,170 +88,79 @@ class DistributedFailure(MasmError):
     exit_code = 1
 
 
-class Run:
-    """State of one training run: what the loop (:mod:`.loop`) reads and advances."""
-
-    def __init__(self, config, out_dir: Path, env, data: RunData, progress_bar: bool, on_step):
-        self.config = config
-        self.out = out_dir
-        self.env = env
-        self.data = data
-        self.show_progress = progress_bar and env.is_main
-        self.on_step: Callable[[Progress], None] | None = on_step
-        self.metrics_path = out_dir / "metrics.jsonl"
-        self.checkpoints = RunCheckpoints(out_dir, env)
-        self.selection = Selection(config, data)
-        self.progress = Progress()
-        self.last_val: dict[str, Any] | None = None
-        self.last_eval_step = -1
-        self.group_terms: list[dict[str, torch.Tensor]] = []  # loss terms of the open accumulation group
-        self._build()
-
-    def _build(self) -> None:
-        cfg, env = self.config, self.env
-        configure_matmul_precision(env.device, cfg.tf32)
-        if needs_selection(cfg):  # FMSD: choose the layers to adapt first (a resumed run has them)
-            select_layers(cfg, self.data.train.records, env, self.log, self.out if env.is_main else None)
-        with dist_utils.local_main_first(env):  # one SVD per weight per machine, then read from the cache
-            self.detector: Detector = create_detector(
-                cfg.model.backbone, cfg.model.method, preprocessing=cfg.model.preprocessing, seed=cfg.seed
+def build_run(config, out_dir: Path, env, data: RunData, progress_bar: bool, on_step) -> Run:
+    """A :class:`Run` of ``config`` with its parts built: FMSD's layer selection first (when asked), then
+    the detector, mask controller, optimizer, health check, DDP / compiled model, loader and captured step."""
+    run = Run(config, out_dir, env, data, progress_bar, on_step)
+    configure_matmul_precision(env.device, config.tf32)
+    if needs_selection(config):  # FMSD: choose the layers to adapt first (a resumed run has them)
+        select_layers(config, data.train.records, env, run.log, out_dir if env.is_main else None)
+    with dist_utils.local_main_first(env):  # one SVD per weight per machine, then read from the cache
+        run.detector = create_detector(
+            config.model.backbone,
+            config.model.method,
+            preprocessing=config.model.preprocessing,
+            seed=config.seed,
+        )
+    config.model = run.detector.config  # resolved: preprocessing filled in from the backbone
+    run.detector.to(env.device).train()
+    run.masm_cfg = config.model.method.masm_config
+    run.layer_groups = layer_groups(run.detector)  # found once, not by a module walk every step
+    run.controller = None
+    if run.masm_cfg is not None and run.masm_cfg.mask.enabled:
+        run.controller = SelectiveMaskController(run.detector, run.masm_cfg.mask, out_dir / "masks.jsonl")
+    run.optimizer = optimizer_for(config, run.detector.trainable_parameters())
+    run.health = StepHealth(run.detector, env.device, env.distributed)
+    run.model = run.detector
+    if env.distributed:
+        # built on a side stream when the step is to be captured, as PyTorch's recipe for DDP in a
+        # CUDA graph asks
+        with cuda_graph.side_stream(config.cuda_graph and env.device.type == "cuda"):
+            run.model = torch.nn.parallel.DistributedDataParallel(
+                run.detector,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                broadcast_buffers=False,  # frozen buffers (W_sem) are identical everywhere; do not resend
             )
-        cfg.model = self.detector.config  # resolved: preprocessing filled in from the backbone
-        self.detector.to(env.device).train()
-        self.masm_cfg = cfg.model.method.masm_config
-        self.layer_groups = layer_groups(self.detector)  # found once, not by a module walk every step
-        self.controller = None
-        if self.masm_cfg is not None and self.masm_cfg.mask.enabled:
-            self.controller = SelectiveMaskController(
-                self.detector, self.masm_cfg.mask, self.out / "masks.jsonl"
-            )
-        self.optimizer = optimizer_for(cfg, self.detector.trainable_parameters())
-        self.health = StepHealth(self.detector, env.device, env.distributed)
-        self.model: torch.nn.Module = self.detector
-        if env.distributed:
-            # built on a side stream when the step is to be captured, as PyTorch's recipe for DDP in a
-            # CUDA graph asks
-            with cuda_graph.side_stream(cfg.cuda_graph and env.device.type == "cuda"):
-                self.model = torch.nn.parallel.DistributedDataParallel(
-                    self.detector,
-                    device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                    broadcast_buffers=False,  # frozen buffers (W_sem) are identical everywhere; do not resend
-                )
-        if cfg.compile:  # after DDP, as PyTorch documents: DDP's buckets then split the compiled graph
-            self.model = torch.compile(self.model)
-        self.plan = build_train_loader(
-            cfg, self.data.train.records, self.detector.preprocessing, env.rank, env.world_size, env.device
+    if config.compile:  # after DDP, as PyTorch documents: DDP's buckets then split the compiled graph
+        run.model = torch.compile(run.model)
+    run.plan = build_train_loader(
+        config, data.train.records, run.detector.preprocessing, env.rank, env.world_size, env.device
+    )
+    run.failures = FailureLedger(config.data.max_failed_share, len(data.train.records))
+    run.captured = cuda_graph.make_captured_step(run) if config.cuda_graph else None
+    return run
+
+
+def _resume(run: Run, found: Path | None) -> None:
+    """Continue ``run`` from ``last`` (recovered from ``found``); from step 0 when the run has none yet."""
+    if found is None:
+        logger.info("%s has no checkpoint yet: starting the run from its first step", run.out)
+        if run.env.is_main:  # the layer selection, made when the run started, is not made again
+            truncate_jsonl(run.metrics_path, lambda r: r.get("kind") == "select")
+            (run.out / "masks.jsonl").unlink(missing_ok=True)
+        return
+    restored = run.checkpoints.restore(
+        run.detector, run.optimizer, run.controller, run.env.world_size, run.config.data.batch_size
+    )
+    run.progress = restored.progress
+    run.last_eval_step = restored.last_eval_step
+    run.failures.load_state(restored.failures)
+    if run.progress.best_rule is not None and run.progress.best_rule != run.selection.rule:
+        archived = run.checkpoints.archive_best(run.progress.global_step)
+        logger.warning(
+            "best was selected under another rule (%s, now %s): kept as %s; selection starts again",
+            run.progress.best_rule,
+            run.selection.rule,
+            archived,
         )
-        self.failures = FailureLedger(cfg.data.max_failed_share, len(self.data.train.records))
-        self.captured = cuda_graph.make_captured_step(self) if cfg.cuda_graph else None
-
-    # checkpoints -------------------------------------------------------------------------------------------
-    def _info(self, kind: str) -> dict[str, Any]:
-        return {
-            "kind": kind,
-            "global_step": self.progress.global_step,
-            "epoch": self.progress.epoch,
-            "seed": self.config.seed,
-            "train_config": config_to_dict(self.config),
-            "best_metric": self.progress.best_metric,
-            "select_on": self.config.select_on,
-            "selection_rule": self.progress.best_rule,
-        }
-
-    def save_last(self) -> None:
-        state = {
-            "progress": self.progress.to_json(),
-            "scheduler": {
-                "kind": self.config.optim.schedule,
-                "step": self.progress.global_step,
-                "total_steps": self.plan.total_steps,
-            },
-            "world_size": self.env.world_size,
-            "batch_size": self.config.data.batch_size,
-            "last_eval_step": self.last_eval_step,
-            "failures": self.failures.state(),
-        }
-        self.checkpoints.save_last(self.detector, self.optimizer, self.controller, state, self._info("last"))
-
-    def resume(self, found: Path | None) -> None:
-        """Continue from ``last`` (recovered from ``found``); from step 0 when the run has none yet."""
-        if found is None:
-            logger.info("%s has no checkpoint yet: starting the run from its first step", self.out)
-            if self.env.is_main:  # the layer selection, made when the run started, is not made again
-                truncate_jsonl(self.metrics_path, lambda r: r.get("kind") == "select")
-                (self.out / "masks.jsonl").unlink(missing_ok=True)
-            return
-        restored = self.checkpoints.restore(
-            self.detector, self.optimizer, self.controller, self.env.world_size, self.config.data.batch_size
-        )
-        self.progress = restored.progress
-        self.last_eval_step = restored.last_eval_step
-        self.failures.load_state(restored.failures)
-        if self.progress.best_rule is not None and self.progress.best_rule != self.selection.rule:
-            archived = self.checkpoints.archive_best(self.progress.global_step)
-            logger.warning(
-                "best was selected under another rule (%s, now %s): kept as %s; selection starts again",
-                self.progress.best_rule,
-                self.selection.rule,
-                archived,
-            )
-            self.progress.best_metric = self.progress.best_step = self.progress.best_rule = None
-        if self.env.is_main:
-            step = self.progress.global_step
-            truncate_jsonl(self.metrics_path, lambda r: r.get("step", 0) <= step)
-            truncate_jsonl(self.out / "masks.jsonl", lambda r: r.get("step", 0) < step)
-        logger.info(
-            "resumed from %s at step %d (epoch %d)", found, self.progress.global_step, self.progress.epoch + 1
-        )
-
-    # validation --------------------------------------------------------------------------------------------
-    def validate(self) -> float | None:
-        """Score the selection sets (sharded over ranks), log, and save ``best`` on improvement."""
-        if not self.selection.sets:
-            return None
-        metric, results = self.selection.score(self.detector, self.env)
-        if self.env.is_main:
-            self.last_val = results
-            step, epoch = self.progress.global_step, self.epoch_float()
-            self.log(eval_record(step, epoch, self.config.select_on, metric, results))
-        self.last_eval_step = self.progress.global_step
-        if self.progress.best_metric is None or metric > self.progress.best_metric:
-            self.progress.best_metric, self.progress.best_step = metric, self.progress.global_step
-            self.progress.best_rule = self.selection.rule
-            self.checkpoints.save_best(self.detector, self._info("best"))
-        return metric
-
-    def finish(self) -> None:
-        """Final validation if the last step was not validated, then the final ``last`` and ``best``."""
-        if self.selection.sets and self.last_eval_step != self.progress.global_step:
-            self.validate()
-        self.progress.finished = True
-        if not self.selection.sets:  # nothing to select on: best is the final model (rule "none")
-            self.progress.best_rule = self.selection.rule
-            self.progress.best_step = self.progress.global_step
-            self.checkpoints.save_best(self.detector, self._info("best"))
-        self.save_last()
-        dist_utils.barrier(self.env)
-        _dump_state_hash(self)
-
-    # logging -----------------------------------------------------------------------------------------------
-    def log(self, record: dict[str, Any]) -> None:
-        if self.env.is_main:
-            with self.metrics_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def epoch_float(self) -> float:
-        return round(self.progress.epoch + self.progress.step_in_epoch / max(1, self.plan.steps_per_epoch), 4)
-
-    def progress_bar(self, epoch: int):
-        from ..evaluation.evaluate import _progress_bar
-
-        bar = _progress_bar(
-            self.plan.steps_per_epoch, f"epoch {epoch + 1}/{self.config.epochs}", self.show_progress
-        )
-        if self.progress.step_in_epoch and hasattr(bar, "n"):
-            bar.update(self.progress.step_in_epoch)
-        return bar
+        run.progress.best_metric = run.progress.best_step = run.progress.best_rule = None
+    if run.env.is_main:
+        step = run.progress.global_step
+        truncate_jsonl(run.metrics_path, lambda r: r.get("step", 0) <= step)
+        truncate_jsonl(run.out / "masks.jsonl", lambda r: r.get("step", 0) < step)
+    logger.info(
+        "resumed from %s at step %d (epoch %d)", found, run.progress.global_step, run.progress.epoch + 1
+    )
 
 
 def parameter_hash(detector: torch.nn.Module) -> str:
@@ -345,13 +255,14 @@ def _train(config, out, resume, env, progress, in_memory, on_step, overwrite, re
             if index is not None:
                 logger.info("%s: %s", role, index.describe())
     dist_utils.barrier(env)
-    run = Run(config, out, env, data, progress, on_step)
+    run = build_run(config, out, env, data, progress, on_step)
     if env.is_main:
         run_folder.write_config(out, config)
     if resume:
-        run.resume(found)
+        _resume(run, found)
     fit(run)
     run.finish()
+    _dump_state_hash(run)
     test = _evaluate_best(run, config, progress) if data.tests else None
     dist_utils.barrier(env)
     return TrainResult(
