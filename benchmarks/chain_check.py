@@ -28,7 +28,7 @@ from masm.data import synth
 from masm.data.pseudo_fakes import PseudoFakeConfig, PseudoFakeMaker
 from masm.demo.experiment import DEFAULT_TRAIN_FAMILIES
 from masm.demo.photos import demo_photos
-from masm.demo.pretrain import to_model_input
+from masm.demo.pretrain_data import to_model_input
 from masm.models.backbones import packaged_demo_backbone_dir
 
 
