@@ -214,7 +214,7 @@ def test_localization_scores_and_random_baseline():
 
 def test_eval_report_shows_top_fakes_false_alarms_and_misses_with_maps(tmp_path):
     from masm.data import synth
-    from masm.evaluation.evaluate import evaluate_detector
+    from masm.explain.evaluate import evaluate_detector
 
     synth.synthesize(tmp_path / "data", families=["blend"], per_family=5, num_real=5, size=32, progress=False)
     detector = trained_like("tiny-clip", Preprocessing(input_size=32, face_crop=None))

@@ -69,7 +69,8 @@ def default_out(checkpoint: Path) -> Path:
 def run(args) -> int:
     from masm.data.perturb import parse_perturbation
     from masm.errors import MasmError
-    from masm.evaluation.evaluate import evaluate_checkpoint, summary_table, undefined_metric_notes
+    from masm.evaluation.evaluate import summary_table, undefined_metric_notes
+    from masm.explain.evaluate import evaluate_checkpoint
 
     if args.frames < 0 or args.batch_size < 1 or args.workers < 0 or args.examples < 0:
         raise MasmError("--frames >= 0, --batch-size >= 1, --workers >= 0 and --examples >= 0 please")

@@ -2,8 +2,9 @@
 
 - :func:`score_records` runs a detector over frames (failed frames are counted, never replaced);
 - :func:`evaluate_detector` scores data specs (clean and, optionally, under robustness perturbations) and
-  writes ``report.json``/``.md``, ``roc.png``, ``predictions.csv``, the robustness report and one example
-  sheet per test set (the frames people look at first, each with its explanation map);
+  writes ``report.json``/``.md``, ``roc.png``, ``predictions.csv``, the robustness report and, when the
+  caller passes an :data:`ExampleSheets` writer, one example sheet per test set (the frames people look at
+  first, each with its explanation map: :mod:`masm.explain.evaluate` passes one);
 - :func:`evaluate_checkpoint` does the same for a checkpoint directory, with the merged model (inference
   at the plain backbone's speed) and the checkpoint's resolved config in the report's meta.
 """
@@ -11,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ from .metrics import evaluate_scores, mean_over_datasets
 from .report import PARITY_NOTICE, write_eval_report, write_robustness_report
 
 logger = logging.getLogger(__name__)
+
+# Writes an evaluation's example sheets into its report folder before the report, which lists them:
+# (detector, {test set: [(path, video, label, score), ...]}, out_dir) -> {test set: its report entry}.
+# Drawing them needs explanation maps, a layer above this one, so a caller that wants them passes one in
+# (masm.explain.examples.sheet_writer).
+ExampleSheets = Callable[[torch.nn.Module, Mapping[str, list], Path], Mapping[str, Mapping]]
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,8 @@ def open_test_sets(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Data specs (strings) or ready :class:`FrameIndex` objects -> ``{unique name: FrameIndex}``."""
-    from ..data.spec import FrameIndex, open_dataset
+    from ..data.index import FrameIndex
+    from ..data.spec import open_dataset
 
     if not specs:
         raise MasmError("no test data given (use --data SPEC)")
@@ -216,7 +224,7 @@ def evaluate_detector(
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
     shard: Shard | None = None,
-    examples: int = 4,
+    example_sheets: ExampleSheets | None = None,
 ) -> dict[str, Any] | None:
     """Score ``detector`` on every test set in ``specs`` (clean, then under each perturbation).
 
@@ -226,8 +234,9 @@ def evaluate_detector(
     written there. ``parity`` = DeepfakeBench parity (first-N frames, parent-folder video keys).
     ``shard`` spreads the frames over the processes of a ``torch.distributed`` group (every process calls
     this): rank 0 writes the reports and returns the result, the other ranks return None.
-    ``examples``: with ``out_dir``, ``examples-NAME.png`` per test set shows this many highest-scoring
-    fakes, false alarms and misses, each with its explanation map (:mod:`masm.explain.examples`; 0: none).
+    ``example_sheets``: with ``out_dir``, called with the scored frames before the report is written, and
+    its result goes into the report (None: no sheets). :func:`masm.explain.evaluate.evaluate_detector`
+    passes one that draws ``examples-NAME.png`` per test set.
     """
     from ..data.transforms import build_transform
 
@@ -288,11 +297,7 @@ def evaluate_detector(
     }
     report_path = None
     if out_dir is not None:
-        sheets = {}
-        if examples > 0:
-            from ..explain.examples import write_example_sheets
-
-            sheets = write_example_sheets(detector, predictions, out_dir, examples)
+        sheets = example_sheets(detector, predictions, Path(out_dir)) if example_sheets else {}
         report_path = write_eval_report(out_dir, datasets, predictions, full_meta, examples=sheets)
         if robustness:
             write_robustness_report(out_dir, robustness)
@@ -318,7 +323,8 @@ def evaluate_checkpoint(
     The report's meta holds the checkpoint path, its resolved model config and, for a checkpoint written
     by ``masm train``, the run's training config and step.
     """
-    from ..models.checkpoint import load_checkpoint, read_checkpoint_config
+    from ..models.checkpoint import read_checkpoint_config
+    from ..models.factory import load_checkpoint
 
     config = read_checkpoint_config(checkpoint)
     detector = load_checkpoint(checkpoint, device=resolve_device(device), merge=True)

@@ -20,7 +20,7 @@ from ..errors import MasmError
 from .metrics import binary_metrics, roc_points
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A Figure drawn by the Agg backend."""
     import matplotlib
 
@@ -33,7 +33,7 @@ def _new_figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig, path: str | Path, dpi: int = 120) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -68,12 +68,12 @@ def plot_roc(
     if not curves:
         raise MasmError(f"no ROC curves to draw into {path}")
     panels = 2 if video_curves else 1
-    fig = _new_figure(5.0 * panels, 4.6)
+    fig = new_figure(5.0 * panels, 4.6)
     axes = fig.subplots(1, panels, squeeze=False)[0]
     _draw_roc(axes[0], curves, "frame level" if video_curves else "ROC")
     if video_curves:
         _draw_roc(axes[1], video_curves, "video level")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def read_mask_log(masks_jsonl_path: str | Path) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
@@ -128,7 +128,7 @@ def plot_mask_heatmap(masks_jsonl_path: str | Path, out_png: str | Path) -> Path
     x = training step of each mask interval, y = layer. Returns ``out_png``.
     """
     steps, layers, share, rho = read_mask_log(masks_jsonl_path)
-    fig = _new_figure(max(6.0, 0.25 * len(steps) + 4.0), 2.0 + 2 * max(1.5, 0.22 * len(layers)))
+    fig = new_figure(max(6.0, 0.25 * len(steps) + 4.0), 2.0 + 2 * max(1.5, 0.22 * len(layers)))
     axes = fig.subplots(2, 1, sharex=True)
     panels = ((share, "share of active subspaces", (0.0, 1.0)), (rho, "mean rho", (None, None)))
     for ax, (values, title, (vmin, vmax)) in zip(axes, panels):
@@ -142,7 +142,7 @@ def plot_mask_heatmap(masks_jsonl_path: str | Path, out_png: str | Path) -> Path
     ticks = _thin_ticks(len(steps))
     axes[-1].set_xticks(ticks, labels=[str(steps[i]) for i in ticks], fontsize="small")
     axes[-1].set_xlabel("step")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _thin_ticks(n: int, most: int = 12) -> list[int]:
@@ -165,7 +165,7 @@ def plot_robustness(table: Mapping[str, Mapping[int, Mapping[str, float | None]]
     """One line per perturbation: mean AUC over datasets against level (0 = clean). Returns ``path``."""
     if not table:
         raise MasmError(f"no robustness results to draw into {path}")
-    fig = _new_figure(6.0, 4.2)
+    fig = new_figure(6.0, 4.2)
     ax = fig.subplots()
     all_levels: set[int] = set()
     for name, levels in robustness_means(table).items():
@@ -180,4 +180,4 @@ def plot_robustness(table: Mapping[str, Mapping[int, Mapping[str, float | None]]
     ax.set_title("robustness")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)

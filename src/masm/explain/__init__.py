@@ -5,11 +5,13 @@
 one forward and one backward per batch, for every backbone family, merged or not.
 
 - :mod:`.maps`: the public function, batching, the method registry;
+- :mod:`.explanation`: what every method returns (:class:`Explanation`) and the steps they share;
 - :mod:`.relevance`: gradient-weighted attention relevance (Chefer et al.), the default;
 - :mod:`.gradcam`: Grad-CAM over the patch tokens (kept for comparison);
 - :mod:`.geometry`: maps carried back from the model input onto the frame (resize, face alignment);
 - :mod:`.render`: overlays, video contact sheets and example sheets;
 - :mod:`.outputs`: the files ``masm detect --explain`` writes; :mod:`.examples`: ``masm eval``'s sheets;
+- :mod:`.evaluate`: :mod:`masm.evaluation.evaluate` with those sheets (``masm eval``, training, the demo);
 - :mod:`.localization`: pixel AUC and pointing game against a known forgery region, and baseline maps.
 
 This package is also callable, so that ``masm.explain(detector, images)`` works whether ``masm.explain``
@@ -21,8 +23,9 @@ from __future__ import annotations
 import sys
 import types
 
+from .explanation import Explanation
 from .gradcam import TokenGradCAM
-from .maps import DEFAULT_METHOD, Explanation, explain, explain_batches, make_explainer
+from .maps import DEFAULT_METHOD, explain, explain_batches, make_explainer
 from .relevance import AttentionRelevance
 
 __all__ = [

@@ -3,14 +3,20 @@
 Per test set, from the scored frames: the highest-scoring fakes (what the detector is surest of), the
 highest-scoring reals (false alarms) and the lowest-scoring fakes (misses). One sheet per test set,
 ``examples-NAME.png``, rows in that order. The maps are computed for these few frames only, after scoring,
-so an evaluation without a report folder costs nothing more.
+so an evaluation without a report folder costs nothing more. :func:`sheet_writer` is the hook that
+:func:`masm.evaluation.evaluate.evaluate_detector` calls to have them drawn.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the hook's type only: this module stays light to import
+    from ..evaluation.evaluate import ExampleSheets
 
 GROUPS = ("highest-scoring fakes", "false alarms (highest-scoring reals)", "misses (lowest-scoring fakes)")
 
@@ -66,3 +72,8 @@ def write_example_sheets(
             }
         )
     return written
+
+
+def sheet_writer(count: int = 4) -> ExampleSheets | None:
+    """The evaluation's example-sheet hook: ``count`` frames per group, or None (no sheets) below 1."""
+    return partial(write_example_sheets, count=count) if count > 0 else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MasmError
-from .maps import Explanation, fake_log_odds, grid_to_input
+from .explanation import Explanation, fake_log_odds, grid_to_input
 
 
 class TokenGradCAM:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .maps import scale_unit
+from .explanation import scale_unit
 
 
 def pixel_auc(map_: np.ndarray, mask: np.ndarray) -> float | None:

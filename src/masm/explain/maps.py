@@ -13,43 +13,14 @@ image to [0, 1] (a map without any positive evidence is all 0).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import MasmError
+from .explanation import Explanation
 
 DEFAULT_METHOD = "relevance"
-
-
-@dataclass
-class Explanation:
-    """One batch explained: P(fake) per image and its map, ``(N, S, S)`` in [0, 1] at the model input."""
-
-    scores: torch.Tensor
-    maps: torch.Tensor
-
-
-def scale_unit(maps: torch.Tensor) -> torch.Tensor:
-    """Each map min-max scaled to [0, 1]; a constant map becomes all 0."""
-    flat = maps.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
-    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat))
-    return scaled.reshape(maps.shape)
-
-
-def grid_to_input(patch_maps: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, g, g)`` patch-grid maps -> ``(N, size, size)`` in [0, 1]."""
-    up = F.interpolate(patch_maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
-    return scale_unit(up[:, 0])
-
-
-def fake_log_odds(logits: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    return logits[:, 1] - logits[:, 0]
 
 
 def make_explainer(detector, method: str = DEFAULT_METHOD):

@@ -54,12 +54,12 @@ def video_sheet(
     top: int = 4,
 ) -> Path:
     """The ``top`` highest-scoring frames with their maps above the per-frame score over time."""
-    from masm.evaluation.plots import _new_figure, _save
+    from masm.evaluation.plots import new_figure, save_figure
 
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top]
     order.sort()
     columns = max(len(order), 1)
-    fig = _new_figure(3.0 * columns, 5.6)
+    fig = new_figure(3.0 * columns, 5.6)
     grid = fig.add_gridspec(2, columns, height_ratios=[3, 2])
     for column, i in enumerate(order):
         ax = fig.add_subplot(grid[0, column])
@@ -74,17 +74,17 @@ def video_sheet(
     ax.set_ylabel("P(fake)")
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def example_sheet(
     path: str | Path, rows: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray, str]]], *, title: str
 ) -> Path:
     """One row per group (``{row title: [(rgb, map, caption), ...]}``), each image with its map."""
-    from masm.evaluation.plots import _new_figure, _save
+    from masm.evaluation.plots import new_figure, save_figure
 
     columns = max([len(items) for items in rows.values()] + [1])
-    fig = _new_figure(2.4 * columns + 0.6, 2.7 * len(rows))
+    fig = new_figure(2.4 * columns + 0.6, 2.7 * len(rows))
     axes = fig.subplots(len(rows), columns, squeeze=False)
     for r, (row_title, items) in enumerate(rows.items()):
         for c in range(columns):
@@ -100,7 +100,7 @@ def example_sheet(
             -0.08, 0.5, row_title, rotation=90, ha="right", va="center", transform=axes[r][0].transAxes
         )
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def method_sheet(
@@ -109,9 +109,9 @@ def method_sheet(
     """Fakes with the outline of their true region, then each method's map of them (benchmark figure)."""
     import cv2
 
-    from masm.evaluation.plots import _new_figure, _save
+    from masm.evaluation.plots import new_figure, save_figure
 
-    fig = _new_figure(1.9 * (len(maps) + 1), 1.9 * len(images) + 0.3)
+    fig = new_figure(1.9 * (len(maps) + 1), 1.9 * len(images) + 0.3)
     axes = fig.subplots(len(images), len(maps) + 1, squeeze=False)
     for r, (image, mask) in enumerate(zip(images, masks)):
         outlined = cv2.resize(image, (256, 256), interpolation=cv2.INTER_CUBIC)
@@ -127,4 +127,4 @@ def method_sheet(
             axes[r][0].set_title("fake, true region", fontsize=9)
         for ax in axes[r]:
             ax.axis("off")
-    return _save(fig, path, dpi=80)  # small enough to keep in the repository
+    return save_figure(fig, path, dpi=80)  # small enough to keep in the repository

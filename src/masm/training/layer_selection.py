@@ -39,7 +39,7 @@ from ..data.sampling import derive_seed
 from ..errors import DataError
 from ..method import find_targets, total_loss
 from ..method.config import SelectConfig
-from ..models.detector import create_detector
+from ..models.factory import create_detector
 from ..precision import autocast_for
 from . import distributed as dist_utils
 from .config import TrainConfig
@@ -210,10 +210,10 @@ def _batch_gradients(probe, batch, params, config: TrainConfig, env) -> None:
 
 def plot_selection(selection: LayerSelection, path: Path) -> Path:
     """A bar per targeted layer: its score ρ, the chosen ones highlighted."""
-    from ..evaluation.plots import _new_figure, _save
+    from ..evaluation.plots import new_figure, save_figure
 
     n = len(selection.names)
-    fig = _new_figure(max(6.0, 0.12 * n + 2), 3.5)
+    fig = new_figure(max(6.0, 0.12 * n + 2), 3.5)
     ax = fig.add_subplot()
     chosen = set(selection.layers)
     colors = ["tab:red" if name in chosen else "tab:gray" for name in selection.names]
@@ -223,4 +223,4 @@ def plot_selection(selection: LayerSelection, path: Path) -> Path:
     ax.set_ylabel("gradient SNR ρ")
     ax.set_ylim(0, 1)
     ax.set_title(f"layer selection: {len(chosen)} of {n} layers kept (red), {selection.steps} batches")
-    return _save(fig, path)
+    return save_figure(fig, path)
