@@ -24,9 +24,10 @@ from masm.models import (
     method_config,
     save_checkpoint,
 )
-from masm.models.backbones import backbone_fingerprint, open_backbone
 from masm.models.detector import alignment_loss, uniformity_loss
+from masm.models.factory import open_backbone
 from masm.models.families import FAMILIES
+from masm.models.fingerprint import backbone_fingerprint
 
 TINY = [name for name in BACKBONES if name.startswith("tiny-")]
 

@@ -48,7 +48,8 @@ def test_quick_demo_runs_end_to_end_and_its_outputs_load(tmp_path, capsys):
 @pytest.mark.slow
 def test_quality_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "q"
-    argv = ["bench", "quality", "--out", str(out), "--seeds", "2", "--steps", "4"]
+    argv = ["bench", "quality", "--out", str(out / "quality.json"), "--work", str(out), "--seeds", "2"]
+    argv += ["--steps", "4"]
     argv += ["--train-reals", "24", "--eval-per-family", "6"]
     assert main([*argv, "--methods", "masm,linear", "--no-ablations", "--jobs", "2"]) == 0
     result = json.loads((out / "quality.json").read_text())
@@ -75,7 +76,7 @@ def test_attention_weight_change_is_the_relative_frobenius_distance():
     from masm.demo.experiment import attention_weight_change
     from masm.method.apply import find_targets
     from masm.method.config import ATTENTION_TARGETS
-    from masm.models.backbones import load_backbone
+    from masm.models.factory import load_backbone
 
     model = load_backbone("tiny-clip")
     assert attention_weight_change(model, "tiny-clip") == 0.0

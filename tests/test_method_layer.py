@@ -168,7 +168,7 @@ def test_layer_forward_matches_materialised_weight():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_hand_written_backward_matches_autograd_of_the_formula(bias):
-    from masm.method.layer import low_rank_linear
+    from masm.method.operands import low_rank_linear
 
     torch.manual_seed(0)
     d_in, d_out, r = 7, 5, 3
@@ -571,7 +571,7 @@ def test_the_layer_passes_contiguous_rows_to_the_next_operation():
     extra columns of the layer's matmul: "query is not correctly aligned", and cuDNN's attention backward
     failing); the layer's output and its input gradient are contiguous, with no copy. The meta device
     stands in for CUDA: same code path, shapes and strides only."""
-    from masm.method.layer import low_rank_linear
+    from masm.method.operands import low_rank_linear
 
     d_in, d_out, km = 6, 5, 3
     for device in ("cpu", "meta"):

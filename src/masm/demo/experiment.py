@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.spec import FrameIndex, open_dataset
+from ..data.index import FrameIndex
+from ..data.spec import open_dataset
 from ..method.config import ATTENTION_AND_MLP_TARGETS
 
 # Training family: blending alone, as self-blended images (SBI) train a face-forgery detector from real
@@ -234,7 +235,7 @@ def run_method(
 
     With ``report_dir`` the test evaluation is also written there (report, ROC curves, predictions).
     """
-    from ..evaluation.evaluate import evaluate_detector
+    from ..explain.evaluate import evaluate_detector
     from ..models import load_checkpoint
     from ..training import train
 
@@ -314,7 +315,7 @@ def _pretrained_attention_weights(backbone: str) -> dict:
     """The backbone's attention projection weights (float32, CPU), loaded once for all runs of a comparison."""
     from ..method.apply import find_targets
     from ..method.config import ATTENTION_TARGETS
-    from ..models.backbones import load_backbone
+    from ..models.factory import load_backbone
 
     targets = find_targets(load_backbone(backbone), ATTENTION_TARGETS)
     return {name: linear.weight.detach().float().cpu() for name, linear in targets}
@@ -323,7 +324,7 @@ def _pretrained_attention_weights(backbone: str) -> dict:
 @functools.lru_cache(maxsize=8)
 def _input_size(backbone: str) -> int:
     """The backbone's native input size (looked up once per backbone, not once per run)."""
-    from ..models.backbones import load_backbone
+    from ..models.factory import load_backbone
 
     return int(load_backbone(backbone).config.image_size)
 

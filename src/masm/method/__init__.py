@@ -11,8 +11,8 @@ from .apply import (
     subspace_update,
 )
 from .config import MaskConfig, MASMConfig, SelectConfig
-from .groups import LayerGroup, layer_groups
-from .layer import MASMLinear
+from .groups import LayerGroup
+from .layer import MASMLinear, layer_groups
 from .losses import regularizers, total_loss
 from .mask import SelectiveMaskController
 

@@ -12,8 +12,8 @@ from torch import nn
 from ..errors import ConfigError
 from .config import MASMConfig
 from .decomposition import decompose
-from .groups import LayerGroup, layer_groups
-from .layer import MASMLinear
+from .groups import LayerGroup
+from .layer import MASMLinear, layer_groups
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .operands import group_operands, operand_dtype
+
 #: The tensors a group stores per layer, in the order a layer's state dict lists them.
 LAYER_TENSORS = ("weight_sem", "bias", "U", "s", "V", "sigma0", "energy0", "energy_sem", "U_basis", "V_basis")
 FACTORS = ("U", "s", "V")
@@ -57,8 +59,6 @@ class LayerGroup(nn.Module):
         """Build every layer's operands for the model's forward that starts now (called by the hook
         :func:`~masm.method.apply_masm` puts on the model). Built in one go for the group, from the current
         factors; kept only until the forward ends, so no later forward can see stale ones."""
-        from .layer import group_operands, operand_dtype
-
         track = torch.is_grad_enabled() and self.U.requires_grad
         dtype = operand_dtype(self)
         out = self.reusable_operands(dtype)
@@ -96,8 +96,6 @@ class LayerGroup(nn.Module):
 
     def operands_of(self, index: int, dtype: torch.dtype) -> tuple:
         """Layer ``index``'s operands built for it alone (a layer called outside its model's forward)."""
-        from .layer import group_operands
-
         rows = slice(index, index + 1)
         tensors = [t if len(self) == 1 else t[rows] for t in (self.U, self.s, self.V, self.weight_sem)]
         bias = None if self.bias is None else (self.bias if len(self) == 1 else self.bias[rows])
@@ -179,21 +177,3 @@ class LayerGroup(nn.Module):
             f"layers={len(self)}, out_features={lay['out_features']}, in_features={lay['in_features']}, "
             f"K={lay['num_subspaces']}, m={lay['subspace_rank']}, semantic_guard={lay['semantic_guard']}"
         )
-
-
-def layer_groups(model_or_layers) -> list[LayerGroup]:
-    """The layer groups of a model's MASM layers (or of a list of layers), each once, in model order.
-
-    A model prepared by :func:`~masm.method.apply_masm` has its layers grouped by shape already; a layer
-    built on its own is a group of one.
-    """
-    from .layer import MASMLinear
-
-    if isinstance(model_or_layers, nn.Module):
-        layers = [m for m in model_or_layers.modules() if isinstance(m, MASMLinear)]
-    else:
-        layers = list(model_or_layers)
-    seen: dict[int, LayerGroup] = {}
-    for layer in layers:
-        seen.setdefault(id(layer.group), layer.group)
-    return list(seen.values())

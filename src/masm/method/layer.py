@@ -10,7 +10,7 @@ Unlike Effort's reference code, backward computes no full-size weight gradient: 
 from thin low-rank products, and the ``d_out × d_in`` matrices the forward uses are built from the factors
 once per forward pass for the whole group, outside autograd. They are never cached across passes, so
 nothing can make them stale: not an optimizer step, a ``load_state_dict``, a write through ``.data``, nor a
-first build under ``torch.inference_mode``.
+first build under ``torch.inference_mode``. Those operands and the hand-written backward are in :mod:`masm.method.operands`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from .config import MASMConfig
 from .decomposition import SVD, residual_groups
 from .groups import LAYER_TENSORS, LayerGroup
+from .operands import _LowRankLinear, operand_dtype
 
 
 class MASMLinear(nn.Module):
@@ -245,15 +246,6 @@ _LAYOUT_ATTRIBUTES = frozenset(
 )
 
 
-def operand_dtype(group: LayerGroup, x: torch.Tensor | None = None) -> torch.dtype:
-    """The dtype of the operands: autocast's in mixed precision, else the input's (the frozen
-    weight's when no input is at hand)."""
-    device = group.U.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return group.weight_sem.dtype if x is None else x.dtype
-
-
 def _join_per_subspace_keys(state_dict: dict, prefix: str, num_subspaces: int) -> None:
     """Checkpoints written before the subspaces were batched hold ``U.0 … U.{K-1}`` (and ``s.k``, ``V.k``);
     join them into the one tensor per factor the layer has now."""
@@ -265,135 +257,17 @@ def _join_per_subspace_keys(state_dict: dict, prefix: str, num_subspaces: int) -
         state_dict[prefix + name] = torch.cat(parts, dim=-1)
 
 
-def fill_operands(U, s, V, weight_sem, dtype, out=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The operands of a group's layers (leading dimension: layers), in ``dtype``: ``(W_eff, V s, U)``
-    with ``W_eff = W_sem + U (V s)ᵀ``, the sum in the factors' precision.
+def layer_groups(model_or_layers) -> list[LayerGroup]:
+    """The layer groups of a model's MASM layers (or of a list of layers), each once, in model order.
 
-    With them a layer's forward is ``y = x W_effᵀ + b`` and ``x (V s)``, its backward ``dx = g W_eff`` and
-    ``g U``, plus the two thin gradients: the low-rank factors never enter the big matmuls, which keep the
-    plain Linear's shapes (and its contiguous outputs). One batched product builds every layer's
-    ``W_eff``. ``out``: ``(W_eff,)`` of an earlier call to write into (see
-    :meth:`LayerGroup.reusable_operands`), or ``None``.
+    A model prepared by :func:`~masm.method.apply_masm` has its layers grouped by shape already; a layer
+    built on its own is a group of one.
     """
-    Vs = V * s.unsqueeze(1)
-    target = None if out is None or torch.compiler.is_compiling() else out[0]  # compile allocates itself
-    if dtype == U.dtype == weight_sem.dtype:
-        weights = torch.baddbmm(weight_sem, U, Vs.mT, out=target)
-    elif target is not None:
-        weights = target.copy_(torch.baddbmm(weight_sem.to(U.dtype), U, Vs.mT))
+    if isinstance(model_or_layers, nn.Module):
+        layers = [m for m in model_or_layers.modules() if isinstance(m, MASMLinear)]
     else:
-        weights = torch.baddbmm(weight_sem.to(U.dtype), U, Vs.mT).to(dtype)
-    # detached: the big matmuls' operands are not differentiable (the tokens carry the factors' gradients)
-    return weights, Vs.to(dtype), U.detach().to(dtype)
-
-
-class _GroupOperands(torch.autograd.Function):
-    """The operands of a group (:func:`fill_operands`), and for each factor side a token whose gradient is
-    the layers' thin gradient, transposed: ``∂L/∂Uᵀ`` (layers × Km × d_out) and ``∂L/∂(V s)ᵀ`` (layers ×
-    Km × d_in). Backward turns them into the factors' gradients, for the whole group at once: the layers'
-    gradients arrive stacked (autograd's ``unbind`` backward), never added up one by one.
-    """
-
-    @staticmethod
-    def forward(ctx, U, s, V, weight_sem, dtype, out):
-        weights, Vs, U_op = fill_operands(U, s, V, weight_sem, dtype, out)
-        layers, d_out, km = U.shape
-        # Tokens carry no values (a broadcast scalar): only their gradients matter. Km × d per layer, the
-        # layout in which the layers compute them.
-        u_token = weights.new_empty((1, 1, 1)).expand(layers, km, d_out)
-        vs_token = weights.new_empty((1, 1, 1)).expand(layers, km, V.shape[1])
-        ctx.save_for_backward(s, V)
-        ctx.factor_dtype = U.dtype
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the operands
-        ctx.mark_non_differentiable(weights, Vs, U_op)
-        return weights, Vs, U_op, u_token, vs_token
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, _weights, _Vs, _U, grad_u, grad_vs):
-        s, V = ctx.saved_tensors
-        grad_U = grad_s = grad_V = None
-        if grad_u is not None:
-            grad_U = grad_u.mT.to(ctx.factor_dtype)
-        if grad_vs is not None:
-            grad_vs = grad_vs.mT.to(ctx.factor_dtype)
-            grad_s = (grad_vs * V).sum(1)
-            grad_V = grad_vs * s.unsqueeze(1)
-        return grad_U, grad_s, grad_V, None, None, None
-
-
-def group_operands(U, s, V, weight_sem, bias, dtype, track: bool, out=None) -> tuple[list[tuple], tuple]:
-    """Per layer: ``(W_eff, bias, U, V s, u_token, vs_token)`` as :class:`_LowRankLinear` takes them
-    (tokens ``None`` when the factors' gradients are not needed); and the ``(W_eff,)`` storage they view.
-    ``out``: as for :func:`fill_operands`."""
-    if track:
-        weights, Vs, U_op, u_token, vs_token = _GroupOperands.apply(U, s, V, weight_sem, dtype, out)
-        u_tokens, vs_tokens = u_token.unbind(0), vs_token.unbind(0)
-    else:
-        with torch.no_grad():
-            weights, Vs, U_op = fill_operands(U, s, V, weight_sem, dtype, out)
-        u_tokens = vs_tokens = (None,) * U.shape[0]
-    biases = (None,) * U.shape[0] if bias is None else bias.to(dtype).unbind(0)
-    per_layer = zip(weights.unbind(0), biases, U_op.unbind(0), Vs.unbind(0), u_tokens, vs_tokens)
-    return list(per_layer), (weights,)
-
-
-class _LowRankLinear(torch.autograd.Function):
-    """``x W_semᵀ + b + ((x V) ⊙ s) Uᵀ`` with a hand-written backward, from the operands of
-    :func:`group_operands`.
-
-    forward:  ``y = x W_effᵀ + b`` with ``W_eff = W_sem + U (V s)ᵀ``, and ``x V s`` (tokens × Km) for
-    backward; backward: ``dx = g W_eff``, and the thin gradients of the tokens, ``∂L/∂U = gᵀ (x V s)`` and
-    ``∂L/∂(V s) = xᵀ (g U)`` (Km × d products, no ``d_out × d_in`` weight gradient), which
-    :class:`_GroupOperands` turns into the factors' gradients. The big matmuls are the plain Linear's, with
-    its shapes and contiguous outputs: on the CPU, folding the thin products into them as Km extra columns
-    made a ViT-B/16 block slower (odd-width matmuls, strided outputs copied downstream).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, U, Vs, u_token, vs_token):
-        d_out, d_in = weight.shape
-        x2 = x.reshape(-1, d_in)
-        y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
-        track = u_token is not None or vs_token is not None
-        low_rank = x2 @ Vs if track else None  # x V s, tokens × Km
-        ctx.save_for_backward(x2, weight, U, low_rank)
-        ctx.shapes = (x.shape, d_out, d_in)
-        return y.view(*x.shape[:-1], d_out)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x2, weight, U, low_rank = ctx.saved_tensors
-        x_shape, d_out, d_in = ctx.shapes
-        g = grad_out.reshape(-1, d_out)
-        grad_x = grad_u = grad_vs = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).view(x_shape)
-        # The thin gradients as Km × d (the tokens' layout): (x V s)ᵀ g and (g U)ᵀ x reduce over the tokens
-        # along contiguous rows, and need one transpose each, not two.
-        if ctx.needs_input_grad[5]:
-            grad_u = low_rank.T @ g  # Km × d_out
-        if ctx.needs_input_grad[6]:
-            grad_vs = (g @ U).T @ x2  # Km × d_in
-        return grad_x, None, None, None, None, grad_u, grad_vs
-
-
-def low_rank_linear(x, weight_sem, bias, U, s, V) -> torch.Tensor:
-    """What a layer computes, from plain tensors of one layer, differentiable in ``x`` and the factors (a
-    functional form of :class:`MASMLinear`, e.g. to check its hand-written backward)."""
-    rows = [t.unsqueeze(0) for t in (U, s, V, weight_sem)]
-    dtype = x.dtype
-    track = torch.is_grad_enabled() and any(t.requires_grad for t in (U, s, V))
-    b = None if bias is None else bias.unsqueeze(0)
-    operands = group_operands(*rows, b, dtype, track)[0][0]
-    return _LowRankLinear.apply(x, *operands)
-
-
-def overlap(Q: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
-    """``‖U_semᵀ Q‖²_F`` from the semantic basis or from its complement; batched over a leading dimension
-    of layers (one value per layer) when ``Q`` has one."""
-    dims = (-2, -1)
-    if is_complement:
-        return (Q.pow(2).sum(dims) - (basis.mT @ Q).pow(2).sum(dims)).clamp_min(0)
-    return (basis.mT @ Q).pow(2).sum(dims)
+        layers = list(model_or_layers)
+    seen: dict[int, LayerGroup] = {}
+    for layer in layers:
+        seen.setdefault(id(layer.group), layer.group)
+    return list(seen.values())

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MASMConfig
-from .groups import layer_groups
-from .layer import overlap
+from .layer import layer_groups
 
 
 def regularizers(model: nn.Module, config: MASMConfig, groups: list | None = None) -> dict[str, torch.Tensor]:
@@ -71,6 +70,15 @@ def _guard_penalty(group) -> torch.Tensor:
     return both / group.U.shape[-1]
 
 
+def overlap(Q: torch.Tensor, basis: torch.Tensor, is_complement: bool) -> torch.Tensor:
+    """``‖U_semᵀ Q‖²_F`` from the semantic basis or from its complement; batched over a leading dimension
+    of layers (one value per layer) when ``Q`` has one."""
+    dims = (-2, -1)
+    if is_complement:
+        return (Q.pow(2).sum(dims) - (basis.mT @ Q).pow(2).sum(dims)).clamp_min(0)
+    return (basis.mT @ Q).pow(2).sum(dims)
+
+
 def _artifact_spectrum(group, gram_u: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
     """Per-layer artifact spectral loss of a group, batched over layers and subspaces."""
     K, m = group.num_subspaces, group.subspace_rank
@@ -114,8 +122,8 @@ def total_loss(
 
     Logged terms: ``cls``, then those of :func:`regularizers` (``orth``, ``guard``, ``spec``) when
     ``config`` is given, then the auxiliary ones, then ``total``. ``auxiliary``: ``{name: (weight,
-    value)}`` of further terms; by default, when ``model`` is a :class:`~masm.models.Detector`, its
-    :meth:`~masm.models.Detector.auxiliary_losses` (the method's feature losses, e.g. ln-tune's GenD
+    value)}`` of further terms; by default those of ``model.auxiliary_losses(labels)`` when the model has
+    that method (a :class:`~masm.models.Detector` does: the method's feature losses, e.g. ln-tune's GenD
     alignment and uniformity; empty for methods without any), and none for any other module.
     """
     loss = F.cross_entropy(logits.float(), labels)
@@ -126,7 +134,7 @@ def total_loss(
             loss = loss + weights[name] * value
             logged[name] = value.detach()
     if auxiliary is None:
-        auxiliary = _detector_losses(model, labels)
+        auxiliary = _model_losses(model, labels)
     for name, (weight, value) in auxiliary.items():
         loss = loss + weight * value
         logged[name] = value.detach()
@@ -134,8 +142,8 @@ def total_loss(
     return loss, logged
 
 
-def _detector_losses(model: nn.Module, labels: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
-    # Imported here: masm.models builds on this package (its presets configure MASM layers).
-    from ..models.detector import Detector
-
-    return model.auxiliary_losses(labels) if isinstance(model, Detector) else {}
+def _model_losses(model: nn.Module, labels: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+    # Asked of the model by name, not by its class: the method sits below the models that build on it,
+    # and a module without feature losses of its own (a bare layer, a backbone) simply has none.
+    own = getattr(model, "auxiliary_losses", None)
+    return own(labels) if own is not None else {}

@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import ConfigError
 from .apply import masm_layers
 from .config import MaskConfig
-from .groups import layer_groups
+from .layer import layer_groups
 
 #: Optimizers whose update is element-wise, so that putting paused entries back undoes it exactly.
 ELEMENTWISE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)

@@ -1,8 +1,9 @@
 """Models: backbone registry, fine-tuning methods, the detector and its checkpoints."""
 
-from .backbones import BACKBONES, load_backbone, resolve_backbone
-from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
-from .detector import Detector, ModelConfig, create_detector
+from .backbones import BACKBONES, resolve_backbone
+from .checkpoint import read_checkpoint_config, save_checkpoint
+from .detector import Detector, ModelConfig
+from .factory import create_detector, load_backbone, load_checkpoint
 from .methods import METHODS, MethodConfig, apply_method, method_config
 from .preprocessing import FaceCropConfig, Preprocessing
 

@@ -15,6 +15,9 @@ the folder are fsynced, then ``DIR`` is moved to ``DIR.old``, ``DIR.tmp`` to ``D
 A kill at any instant leaves at least one complete, checksummed copy among ``DIR.tmp``, ``DIR`` and
 ``DIR.old``; :func:`recover_checkpoint` finds the newest of them and puts it back at ``DIR`` (the trainer
 calls it before resuming and before every write, so the only complete copy is never deleted).
+
+This module reads and writes the files; :func:`~masm.models.load_checkpoint`
+(:mod:`~masm.models.factory`) rebuilds the detector, which for adapter weights means its backbone again.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from safetensors.torch import save_file
 
 from ..config import to_dict
 from ..errors import CheckpointError, MasmError
-from .backbones import canonical_key
-from .detector import Detector, create_detector, model_config_from_dict
+from .calibration import Calibration
+from .detector import Detector, ModelConfig
 from .families import family_for_config
+from .fingerprint import canonical_key
 
 FORMAT = "masm-detector"
 VERSION = 1
@@ -84,6 +88,8 @@ def save_checkpoint(
         "sha256": {name: file_sha256(tmp / name) for name in files},
         "info": info or {},
     }
+    if detector.calibration is not None:
+        config["calibration"] = detector.calibration.to_dict()
     # config.json last: its checksums make the folder complete, so it is written only after the data is durable
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
     _fsync_file(tmp / CONFIG_FILE)
@@ -122,47 +128,40 @@ def _read_verified(directory: Path) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(
-    directory: str | Path, *, device: str | torch.device = "cpu", merge: bool = False
-) -> Detector:
-    """Rebuild the detector stored in ``directory``; ``merge=True`` folds adapters for fast inference."""
-    config = read_checkpoint_config(directory)
+def merged_detector(config: dict[str, Any], model_config: ModelConfig) -> Detector:
+    """The detector of a checkpoint holding merged weights (``config``: its :func:`read_checkpoint_config`,
+    ``model_config``: the model it records): the backbone built from the stored ``backbone_config``, every
+    tensor read from the file; no backbone is looked up."""
     directory = Path(config["directory"])
-    model_config = model_config_from_dict(config["model"])
-    if config["weights"] == "merged":
-        backbone_config = config["backbone_config"]
-        family = family_for_config(backbone_config, str(directory / CONFIG_FILE))
-        try:
-            backbone = family.build(backbone_config)
-        except MasmError:
-            raise
-        except Exception as err:  # a config this transformers cannot build
-            raise CheckpointError(
-                f"{directory / CONFIG_FILE}: cannot build its backbone_config ({err})"
-            ) from None
-        detector = Detector(
-            backbone, model_config, model_config.preprocessing, config.get("backbone_fingerprint", ""), family
+    backbone_config = config["backbone_config"]
+    family = family_for_config(backbone_config, str(directory / CONFIG_FILE))
+    try:
+        backbone = family.build(backbone_config)
+    except MasmError:
+        raise
+    except Exception as err:  # a config this transformers cannot build
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: cannot build its backbone_config ({err})"
+        ) from None
+    detector = Detector(
+        backbone, model_config, model_config.preprocessing, config.get("backbone_fingerprint", ""), family
+    )
+    detector.merged = True
+    load_tensors(detector, directory / WEIGHTS_FILE, require_all=True)
+    return detector
+
+
+def load_adapter_weights(detector: Detector, config: dict[str, Any]) -> None:
+    """Load the adapter weights of a checkpoint (``config``: its :func:`read_checkpoint_config`) into
+    ``detector``, rebuilt from the backbone and method the checkpoint records; the backbone must have the
+    weights the checkpoint was trained on (same fingerprint)."""
+    directory = Path(config["directory"])
+    if config.get("backbone_fingerprint") and detector.backbone_fingerprint != config["backbone_fingerprint"]:
+        raise CheckpointError(
+            f"{directory}: the backbone {detector.config.backbone!r} found here has other weights than the one "
+            "this checkpoint was trained on (fingerprint mismatch)"
         )
-        detector.merged = True
-        _load_tensors(detector, directory / WEIGHTS_FILE, require_all=True)
-    else:
-        try:
-            detector = create_detector(
-                model_config.backbone, model_config.method, preprocessing=model_config.preprocessing
-            )
-        except MasmError as err:
-            raise CheckpointError(f"{directory}: cannot rebuild its backbone: {err}") from None
-        if (
-            config.get("backbone_fingerprint")
-            and detector.backbone_fingerprint != config["backbone_fingerprint"]
-        ):
-            raise CheckpointError(
-                f"{directory}: the backbone {model_config.backbone!r} found here has other weights than the one "
-                "this checkpoint was trained on (fingerprint mismatch)"
-            )
-        _load_tensors(detector, directory / WEIGHTS_FILE, require_all=False)
-    detector.eval().to(device)
-    return detector.merge() if merge else detector
+    load_tensors(detector, directory / WEIGHTS_FILE, require_all=False)
 
 
 def load_extra_tensors(directory: str | Path, stem: str) -> dict[str, torch.Tensor]:
@@ -193,7 +192,7 @@ def _merged_state(detector: Detector) -> dict[str, torch.Tensor]:
     return {canonical_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _load_tensors(detector: Detector, path: Path, *, require_all: bool) -> None:
+def load_tensors(detector: Detector, path: Path, *, require_all: bool) -> None:
     """Load the file's tensors into ``detector``. Names are compared in canonical form, so a checkpoint
     written under transformers 4 (``vision_model.`` nesting) loads under 5 and the other way round."""
     state = detector.state_dict()
@@ -312,3 +311,29 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_calibration(config: dict[str, Any]) -> Calibration | None:
+    """The calibration stored in a checkpoint's (verified) config, or None for one written without it."""
+    stored = config.get("calibration")
+    if stored is None:
+        return None
+    return Calibration.from_dict(stored, where=f"{config.get('directory', '?')}/{CONFIG_FILE}: calibration")
+
+
+def write_calibration(directory: str | Path, calibration: Calibration | None) -> Path:
+    """Store ``calibration`` (None: remove it) in the checkpoint's ``config.json``, atomically; the weights
+    and their checksums are not touched. Returns the config's path."""
+    config = read_checkpoint_config(directory)
+    directory = Path(config.pop("directory"))
+    if calibration is None:
+        config.pop("calibration", None)
+    else:
+        config["calibration"] = calibration.to_dict()
+    path = directory / CONFIG_FILE
+    tmp = path.with_name(CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=1, default=str))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+    return path

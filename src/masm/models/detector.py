@@ -1,4 +1,5 @@
-"""A deepfake detector: a vision backbone, a fine-tuning method and a 2-way linear head."""
+"""A deepfake detector: a vision backbone, a fine-tuning method and a 2-way linear head, built on a backbone
+already in memory (from a name or a checkpoint directory: :mod:`~masm.models.factory`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import from_dict
-from .backbones import LoadedBackbone, backbone_fingerprint, open_backbone
+from .backbone_loading import LoadedBackbone
+from .calibration import Calibration
 from .families import BackboneFamily, family_of
+from .fingerprint import backbone_fingerprint
 from .methods import MethodConfig, apply_method, merge_method, method_config, resolve_targets
 from .preprocessing import Preprocessing
 
@@ -49,6 +52,8 @@ class Detector(nn.Module):
         self.preprocessing = preprocessing
         self.backbone_fingerprint = fingerprint
         self.merged = False
+        # what the scores mean and where to decide (masm calibrate); None: raw scores, decided at 0.5
+        self.calibration: Calibration | None = None
         self._last_features: torch.Tensor | None = None  # the batch's feature, kept in training only
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -112,26 +117,6 @@ class Detector(nn.Module):
         return sum(p.numel() for p in self.trainable_parameters())
 
 
-def create_detector(
-    backbone: str = "clip-vit-l14",
-    method: str | MethodConfig = "masm",
-    *,
-    preprocessing: Preprocessing | None = None,
-    cache_dir=None,
-    seed: int | None = 0,
-) -> Detector:
-    """The one way to build a detector: load the backbone, apply the method, add a fresh head.
-
-    ``backbone`` is a registry name, a hub id, a local ``save_pretrained`` directory of a supported family,
-    or a masm checkpoint directory (its merged backbone, preprocessing and head are the starting point).
-    ``method`` is a preset name (``masm``, ``fmsd``, ``effort``, ``effort-reg``, ``lora``, ``full``, ``linear``,
-    ``ln-tune``) or a :class:`MethodConfig`. ``seed`` makes the head's initialisation reproducible.
-    """
-    return build_detector(
-        open_backbone(backbone), backbone, method, preprocessing=preprocessing, cache_dir=cache_dir, seed=seed
-    )
-
-
 def build_detector(
     loaded: LoadedBackbone,
     name: str,
@@ -141,7 +126,7 @@ def build_detector(
     cache_dir=None,
     seed: int | None = 0,
 ) -> Detector:
-    """:func:`create_detector` on a backbone already in memory (``name`` is what the config records)."""
+    """:func:`~masm.models.create_detector` on a backbone already in memory (``name`` is what the config records)."""
     method_cfg = method_config(method) if isinstance(method, str) else method
     method_cfg = resolve_targets(method_cfg, loaded.family)
     model = loaded.model

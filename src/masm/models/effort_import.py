@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import MasmError
 from ..method.apply import masm_layers
-from .backbones import LoadedBackbone, build_architecture
+from .backbone_loading import LoadedBackbone, build_architecture
 from .checkpoint import file_sha256, save_checkpoint
 from .detector import Detector, build_detector
 from .methods import method_config

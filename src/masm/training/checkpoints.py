@@ -143,7 +143,8 @@ def regroup_optimizer_state(saved: dict, detector: Detector, optimizer) -> dict:
     the rest): each group's moments are the layers' stacked, its step count the largest of theirs (a layer
     the mask paused whole had skipped steps). Other state is returned as it is."""
     from ..method import masm_layers
-    from ..method.groups import FACTORS, layer_groups
+    from ..method.groups import FACTORS
+    from ..method.layer import layer_groups
 
     old = saved["param_groups"][0]["params"]
     new = optimizer.param_groups[0]["params"]
