@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from masm.data.spec import open_dataset
 from masm.data.transforms import build_transform
-from masm.evaluation.evaluate import score_records
+from masm.evaluation.scoring import score_records
 from masm.models import load_checkpoint
 
 

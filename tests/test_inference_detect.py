@@ -243,8 +243,8 @@ def test_batches_span_inputs_and_do_not_change_scores(tmp_path):
     names = [str(p) for p in paths]
     calls = []
     scorer = Scorer(detector, ScorerOptions(batch_size=4))
-    original = scorer.score_tensor
-    scorer.score_tensor = lambda x: calls.append(len(x)) or original(x)
+    original = scorer.log_odds_tensor  # what the scorer runs per batch
+    scorer.log_odds_tensor = lambda x: calls.append(len(x)) or original(x)
     batched = [r["score"] for r in scorer.score_paths(names)]
     assert calls == [4, 1]
     single = [r["score"] for r in Scorer(detector, ScorerOptions(batch_size=1)).score_paths(names)]

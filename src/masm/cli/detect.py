@@ -17,8 +17,10 @@ def register(subparsers) -> None:
             "Score image files, video files and folders of them (recursed; recognised by content), or '-' "
             "for a list of paths on stdin. Faces are detected and aligned as the checkpoint was trained "
             "(several faces in an image: the highest score counts; a video: the mean over evenly spaced "
-            "frames). Writes one JSON object per input {input, kind, score, label, faces, frames, error, "
-            "note} to stdout or --out; a table when stdout is a terminal. Exit status 0: all scored, "
+            "frames). Writes one JSON object per input {input, kind, score, raw_score, label, "
+            "operating_point, faces, frames, error, note} to stdout or --out: score is the calibrated "
+            "P(fake) (the raw one if the detector stores no calibration), label the decision at the "
+            "operating point it names; a table when stdout is a terminal. Exit status 0: all scored, "
             "1: some input failed, 2: usage error."
         ),
     )
@@ -28,7 +30,15 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
     parser.add_argument("--frames", type=int, default=32, help="evenly spaced frames per video (0: all)")
     parser.add_argument("--no-face", action="store_true", help="score whole images (inputs are face crops)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score >= threshold is 'fake'")
+    parser.add_argument(
+        "--operating-point",
+        metavar="NAME",
+        help="label at this stored operating point (fpr=0.01, fpr=0.001, eer; default: the one stored with "
+        "the detector, else 0.5 with a note)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, help="label 'fake' at score >= this number instead of an operating point"
+    )
     parser.add_argument("--per-frame", action="store_true", help="add per-frame scores to video results")
     parser.add_argument(
         "--explain",
@@ -49,12 +59,15 @@ def run(args) -> int:
         batch_size=args.batch_size,
         frames=args.frames,
         faces=not args.no_face,
+        operating_point=args.operating_point,
         threshold=args.threshold,
         per_frame=args.per_frame,
         explain_dir=args.explain,
     )
     options.validate()
     scorer = Scorer(args.checkpoint, options, device=_device(args.device))
+    for decision in {d.note: d for d in scorer.decisions.values() if d.note}.values():
+        print(f"masm detect: note: {decision.note}", file=sys.stderr)
     inputs = list(expand_inputs(args.inputs))
     show_table = sys.stdout.isatty()
     sink = _open_out(args.out) if args.out else (None if show_table else sys.stdout)

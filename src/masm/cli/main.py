@@ -14,7 +14,19 @@ import sys
 from masm.errors import MasmError
 
 # Subcommand modules under masm.cli, in the order ``--help`` lists them.
-COMMANDS = ["train", "eval", "detect", "serve", "export", "importer", "preprocess", "synth", "demo", "bench"]
+COMMANDS = [
+    "train",
+    "eval",
+    "calibrate",
+    "detect",
+    "serve",
+    "export",
+    "importer",
+    "preprocess",
+    "synth",
+    "demo",
+    "bench",
+]
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -30,8 +30,10 @@ def register(subparsers) -> None:
         help_text = f.metadata["help"]
         if f.name == "faces":
             parser.add_argument("--no-faces", dest="faces", action="store_false", help="score whole images")
-        elif f.name == "api_key":
+        elif f.name in ("api_key", "operating_point"):
             parser.add_argument(flag, default=None, help=help_text + " (default: none)")
+        elif f.name == "threshold":
+            parser.add_argument(flag, type=float, default=None, help=help_text + " (default: none)")
         else:
             kind = type(default)
             parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")

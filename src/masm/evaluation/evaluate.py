@@ -1,6 +1,7 @@
 """Score a detector on test sets and write the reports: the library behind ``masm eval``.
 
-- :func:`score_records` runs a detector over frames (failed frames are counted, never replaced);
+- :mod:`.scoring` runs a detector over frames (failed frames are counted, never replaced);
+- :func:`metrics_for` turns one test set's scores into its metrics, deployment metrics included;
 - :func:`evaluate_detector` scores data specs (clean and, optionally, under robustness perturbations) and
   writes ``report.json``/``.md``, ``roc.png``, ``predictions.csv``, the robustness report and, when the
   caller passes an :data:`ExampleSheets` writer, one example sheet per test set (the frames people look at
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import MasmError
-from ..precision import autocast_for, resolve_device
+from ..models.calibration import Calibration
+from ..precision import resolve_device
+from .calibration import deployment_metrics
 from .metrics import evaluate_scores, mean_over_datasets
 from .report import PARITY_NOTICE, write_eval_report, write_robustness_report
+from .scoring import Shard, score_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -34,126 +37,19 @@ logger = logging.getLogger(__name__)
 ExampleSheets = Callable[[torch.nn.Module, Mapping[str, list], Path], Mapping[str, Mapping]]
 
 
-@dataclass(frozen=True)
-class Shard:
-    """This process's part of an evaluation spread over ``world_size`` processes (``torch.distributed``).
-
-    Process ``rank`` scores records ``rank, rank + world_size, ...``; the scores are gathered on rank 0,
-    which alone computes metrics and writes reports. Every process must make the same calls (collectives).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@torch.no_grad()
-def score_records(
-    detector: torch.nn.Module,
-    records: Sequence[Any],
-    transform,
-    *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    precision: str = "auto",
-    progress: bool = False,
-    desc: str = "scoring",
-) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """P(fake) of every record (NaN for frames that failed to load) and the ``(path, reason)`` of failures."""
-    from torch.utils.data import DataLoader
-
-    from ..data.dataset import FrameDataset, collate_frames
-
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    scores = np.full(len(records), np.nan, dtype=np.float64)
-    failed: list[tuple[str, str]] = []
-    if not records:
-        return scores, failed
-    loader = DataLoader(
-        FrameDataset(records, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_frames,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # leave the global RNG alone (training resumes exactly)
-    )
-    was_training = detector.training
-    detector.eval()
-    bar = _progress_bar(len(loader), desc, progress)
-    try:
-        for batch in loader:
-            failed += [(str(path), _reason(err)) for path, err in batch["failed"]]
-            if batch["pixel_values"] is not None:
-                pixels = batch["pixel_values"].to(device, non_blocking=True)
-                with autocast_for(device, precision):
-                    logits = detector(pixels)
-                probs = logits.float().softmax(-1)[:, 1].cpu().double().numpy()
-                scores[batch["index"].numpy()] = probs
-            bar.update(1)
-    finally:
-        bar.close()
-        detector.train(was_training)
-    return scores, failed
-
-
-def score_sharded(
-    detector: torch.nn.Module, records: Sequence[Any], transform, shard: Shard, **kwargs: Any
-) -> tuple[np.ndarray, list[tuple[str, str]]] | None:
-    """:func:`score_records` with the records split over processes: rank 0 gets every record's score
-    and every failure, in record order; the other ranks get None."""
-    if shard.world_size <= 1:
-        return score_records(detector, records, transform, **kwargs)
-    import torch.distributed as dist
-
-    ids = list(range(shard.rank, len(records), shard.world_size))
-    kwargs["progress"] = kwargs.get("progress", False) and shard.is_main
-    scores, failed = score_records(detector, [records[i] for i in ids], transform, **kwargs)
-    parts: list[Any] | None = [None] * shard.world_size if shard.is_main else None
-    dist.gather_object((ids, scores, failed), parts, dst=0)
-    if not shard.is_main:
-        return None
-    full = np.full(len(records), np.nan, dtype=np.float64)
-    all_failed: list[tuple[str, str]] = []
-    for part_ids, part_scores, part_failed in parts:
-        full[part_ids] = part_scores
-        all_failed += part_failed
-    return full, all_failed
-
-
-def _reason(error: str) -> str:
-    """A short reason for the skip summary (the first clause of the loader's message)."""
-    text = str(error)
-    return text.split(":")[-1].strip()[:80] or "unreadable frame"
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-
-
 def metrics_for(
-    records: Sequence[Any], scores: np.ndarray, failed: list[tuple[str, str]]
+    records: Sequence[Any],
+    scores: np.ndarray,
+    failed: list[tuple[str, str]],
+    log_odds: np.ndarray | None = None,
+    calibration: Calibration | None = None,
 ) -> tuple[dict, list]:
-    """``evaluate_scores`` on the frames that were scored, and their ``(path, video, label, score)`` rows."""
+    """``evaluate_scores`` on the frames that were scored, and their ``(path, video, label, score)`` rows.
+
+    With ``log_odds``, the result also holds ``"deployment"``: ECE, Brier score and TPR at FPR 1 % and
+    0.1 % of the detector's calibrated score per level, and the FPR/TPR its stored operating points give
+    here (:func:`masm.evaluation.calibration.deployment_metrics`).
+    """
     ok = ~np.isnan(scores)
     kept = [r for r, good in zip(records, ok) if good]
     rows = [(r.path, r.video, int(r.label), float(s)) for r, s in zip(kept, scores[ok])]
@@ -165,6 +61,10 @@ def metrics_for(
         skipped=failed,
         families=[r.family for r in kept],
     )
+    if log_odds is not None and ok.any():
+        result["deployment"] = deployment_metrics(
+            [r.label for r in kept], log_odds[ok], [r.video for r in kept], calibration
+        )
     return result, rows
 
 
@@ -253,6 +153,7 @@ def evaluate_detector(
     )
     shard = shard or Shard()
     preprocessing = detector.preprocessing
+    calibration = getattr(detector, "calibration", None)
     datasets: dict[str, dict] = {}
     predictions: dict[str, list] = {}
     robustness: dict[str, dict[int, dict[str, float | None]]] = {}
@@ -274,7 +175,7 @@ def evaluate_detector(
             )
             if scored is None:  # another rank than 0: its scores went to rank 0
                 continue
-            result, rows = metrics_for(index.records, *scored)
+            result, rows = metrics_for(index.records, *scored, calibration=calibration)
             if condition is None:
                 result["data"] = index.summary()
                 datasets[name], predictions[name] = result, rows

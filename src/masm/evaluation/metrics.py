@@ -49,7 +49,7 @@ def roc_points(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.nda
     The first threshold is ``inf``. Needs both classes; raises :class:`MasmError` otherwise.
     """
     y, s = _as_arrays(labels, scores)
-    tps, fps, thresholds = _cumulative_counts(y, s)
+    tps, fps, thresholds = cumulative_counts(y, s)
     if tps[-1] == 0 or fps[-1] == 0:
         raise MasmError("a ROC curve needs both real and fake samples")
     fpr = np.r_[0.0, fps / fps[-1]]
@@ -57,7 +57,7 @@ def roc_points(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.nda
     return fpr, tpr, np.r_[np.inf, thresholds]
 
 
-def _cumulative_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cumulative_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives when thresholding at each distinct score, in decreasing score order."""
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted = s[order], y[order]
@@ -123,7 +123,7 @@ def binary_metrics(labels: Any, scores: Any, threshold: float = 0.5, *, unit: st
         only = "real" if n_fake == 0 else "fake"
         result["note"] = f"only {only} {unit} (n={y.size}): AUC undefined"
         return result
-    tps, fps, _ = _cumulative_counts(y, s)
+    tps, fps, _ = cumulative_counts(y, s)
     fpr = np.r_[0.0, fps / fps[-1]]
     tpr = np.r_[0.0, tps / tps[-1]]
     result["auc"] = _auc(fpr, tpr)

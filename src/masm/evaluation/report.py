@@ -18,8 +18,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import MasmError
+from .deployment_report import deployment_section, write_log_roc
 from .metrics import mean_over_datasets, video_scores
 from .plots import plot_robustness, plot_roc, robustness_means
+from .report_table import cell as _cell
+from .report_table import format_table
 
 PARITY_NOTICE = "DeepfakeBench parity mode: first-N frame sampling and parent-folder video keys; not the project's protocol"
 
@@ -28,28 +31,6 @@ PREDICTION_COLUMNS = ("dataset", "path", "video", "label", "score")
 
 #: Meta entries that are too large for the Markdown summary (they stay in report.json).
 _BULKY_META = ("config",)
-
-
-def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A Markdown table; floats get 4 decimals, ``None`` reads "n/a", ``|`` in a cell is escaped."""
-    lines = [_table_row(headers), "|" + "|".join(" --- " for _ in headers) + "|"]
-    for number, row in enumerate(rows):
-        if len(row) != len(headers):
-            raise ValueError(f"table row {number} has {len(row)} cells for {len(headers)} headers")
-        lines.append(_table_row(row))
-    return "\n".join(lines) + "\n"
-
-
-def _table_row(cells: Sequence[Any]) -> str:
-    return "| " + " | ".join(_cell(c) for c in cells) + " |"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, (float, np.floating)):
-        return "n/a" if math.isnan(value) else f"{float(value):.4f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _jsonable(value: Any) -> Any:
@@ -103,6 +84,7 @@ def write_eval_report(
     (out / "report.md").write_text(_eval_markdown(report), encoding="utf-8")
     _write_predictions_csv(out / "predictions.csv", predictions)
     _write_roc(out / "roc.png", predictions)
+    write_log_roc(out / "roc-log.png", predictions, datasets)
     return json_path
 
 
@@ -152,6 +134,10 @@ def _eval_markdown(report: Mapping[str, Any]) -> str:
     parts.append(_level_table(datasets, mean, "frame", "frames"))
     parts.append("## Video level (mean frame score per video)\n")
     parts.append(_level_table(datasets, mean, "video", "videos"))
+    deployment = deployment_section(datasets)
+    if deployment:
+        parts.append(deployment)
+        parts.append("![ROC, log false-positive rate, stored operating points marked](roc-log.png)\n")
     if report.get("examples"):
         parts.append("## Where the detector looks\n")
         parts.append(

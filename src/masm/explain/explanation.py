@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 @dataclass
 class Explanation:
-    """One batch explained: P(fake) per image and its map, ``(N, S, S)`` in [0, 1] at the model input."""
+    """One batch explained: P(fake) per image and its map, ``(N, S, S)`` in [0, 1] at the model input;
+    ``log_odds`` (``l_fake - l_real``) is what a calibrated score is made from without float32 saturation."""
 
     scores: torch.Tensor
     maps: torch.Tensor
+    log_odds: torch.Tensor | None = None
 
 
 def scale_unit(maps: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,11 @@ class TokenGradCAM:
             self.detector.train(was_training)
         cam = self.token_map(captured[0].detach().float(), grads.float())
         maps = grid_to_input(cam, pixel_values.shape[-1])
-        return Explanation(scores=logits.detach().float().softmax(-1)[:, 1], maps=maps)
+        return Explanation(
+            scores=logits.detach().float().softmax(-1)[:, 1],
+            maps=maps,
+            log_odds=fake_log_odds(logits.detach()),
+        )
 
     def token_map(self, tokens: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """Grad-CAM of the patch tokens (the last grid² of the sequence), ``(N, grid, grid)``, not scaled."""

@@ -42,7 +42,9 @@ def explain_batches(
     explainer = make_explainer(detector, method)
     parts = [explainer(chunk.to(device)) for chunk in pixel_values.split(batch_size)]
     return Explanation(
-        scores=torch.cat([p.scores for p in parts]).cpu(), maps=torch.cat([p.maps for p in parts]).cpu()
+        scores=torch.cat([p.scores for p in parts]).cpu(),
+        maps=torch.cat([p.maps for p in parts]).cpu(),
+        log_odds=torch.cat([p.log_odds for p in parts]).cpu(),
     )
 
 

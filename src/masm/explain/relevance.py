@@ -59,7 +59,11 @@ class AttentionRelevance:
             detector.train(was_training)
         patch_maps = self.relevance(attentions, grads)
         maps = grid_to_input(patch_maps, pixel_values.shape[-1])
-        return Explanation(scores=logits.detach().float().softmax(-1)[:, 1], maps=maps)
+        return Explanation(
+            scores=logits.detach().float().softmax(-1)[:, 1],
+            maps=maps,
+            log_odds=fake_log_odds(logits.detach()),
+        )
 
     def relevance(self, attentions, grads) -> torch.Tensor:
         """Patch relevance ``(N, grid, grid)`` from every block's attention and its gradient."""

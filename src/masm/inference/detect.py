@@ -25,13 +25,27 @@ import torch
 from masm.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from masm.errors import MasmError
 from masm.models import Detector, load_checkpoint
+from masm.models.calibration import log_odds_of_logits, resolve_decisions, sigmoid
 
 from .inputs import IMAGE, Input, expand_inputs
 
 log = logging.getLogger(__name__)
 
-# Keys of every result, in output order; per-frame scores add ``frame_scores``.
-RESULT_KEYS = ("input", "kind", "score", "label", "faces", "frames", "error", "note")
+# Keys of every result, in output order; per-frame scores add ``frame_scores``. ``score`` is the calibrated
+# P(fake) (the raw one when the detector stores no calibration), ``raw_score`` the network's own, ``label``
+# the decision at ``operating_point`` (its name, threshold and level).
+RESULT_KEYS = (
+    "input",
+    "kind",
+    "score",
+    "raw_score",
+    "label",
+    "operating_point",
+    "faces",
+    "frames",
+    "error",
+    "note",
+)
 
 # Smaller images are refused: upscaling a few pixels to the model's input gives a number without meaning.
 MIN_IMAGE_SIDE = 16
@@ -46,7 +60,13 @@ class ScorerOptions:
     faces: bool = field(
         default=True, metadata={"help": "detect and align faces (if the model was trained so)"}
     )
-    threshold: float = field(default=0.5, metadata={"help": "score >= threshold is labelled fake"})
+    operating_point: str | None = field(
+        default=None,
+        metadata={"help": "stored operating point to label at (fpr=0.01, eer; default: the detector's own)"},
+    )
+    threshold: float | None = field(
+        default=None, metadata={"help": "label fake at score >= this number instead of an operating point"}
+    )
     per_frame: bool = field(default=False, metadata={"help": "add per-frame scores to video results"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "larger images are refused"})
     min_side: int = field(default=MIN_IMAGE_SIDE, metadata={"help": "smaller images are refused"})
@@ -56,7 +76,8 @@ class ScorerOptions:
     )
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.frames < 0 or not 0.0 <= self.threshold <= 1.0:
+        threshold_ok = self.threshold is None or 0.0 <= self.threshold <= 1.0
+        if self.batch_size < 1 or self.frames < 0 or not threshold_ok:
             raise MasmError(
                 f"batch size must be >= 1, frames >= 0 and threshold in [0, 1] "
                 f"(got {self.batch_size}, {self.frames}, {self.threshold})"
@@ -69,7 +90,7 @@ class _Job:
 
     result: dict
     crop_frames: list[int] = field(default_factory=list)  # frame slot of each crop
-    scores: list[float | None] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)  # log-odds of "fake" of each crop
     frame_ids: list[int] = field(default_factory=list)  # video frame index per frame slot
     faces_per_frame: list[int] = field(default_factory=list)
     number: int = 0  # position among the inputs (names explanation files)
@@ -114,6 +135,10 @@ class Scorer:
             self.model = load_checkpoint(model, device=self.device, merge=merge)
         from masm.data.transforms import build_transform
 
+        self.calibration = self.model.calibration
+        self.decisions = resolve_decisions(
+            self.calibration, self.options.operating_point, self.options.threshold
+        )
         self.preprocessing = self.model.preprocessing
         self.transform = build_transform(self.preprocessing, train=False)
         face_crop = self.preprocessing.face_crop
@@ -160,15 +185,22 @@ class Scorer:
         A bad input comes back with ``error`` set in its result and no crops."""
         return self._prepare(item)
 
-    def finish(self, job: _Job, scores: list[float]) -> dict:
-        """The result of a prepared input, given the scores of its crops in order."""
-        job.scores = [float(s) for s in scores]
+    def finish(self, job: _Job, log_odds: list[float]) -> dict:
+        """The result of a prepared input, given the log-odds of its crops in order
+        (:meth:`log_odds_tensor`)."""
+        job.scores = [float(s) for s in log_odds]
         return self._finish(job)
 
     @torch.no_grad()
+    def log_odds_tensor(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Log-odds of "fake" (float64) for a batch of preprocessed inputs (N, 3, S, S): what the scorer
+        batches; scores are made from them, so calibration loses nothing to a saturated float32 P(fake)."""
+        return log_odds_of_logits(self.model(pixel_values.to(self.device))).cpu().double()
+
     def score_tensor(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """P(fake) for a batch of preprocessed inputs (N, 3, S, S)."""
-        return self.model.score(pixel_values.to(self.device)).cpu()
+        """Calibrated P(fake) (float64) for a batch of preprocessed inputs (N, 3, S, S)."""
+        log_odds = self.log_odds_tensor(pixel_values)
+        return torch.sigmoid(log_odds / (self.calibration.temperature if self.calibration else 1.0))
 
     # -- preparation: files -> crops ----------------------------------------------------------------------
 
@@ -266,10 +298,10 @@ class Scorer:
     def _run_batch(self, entries: list[tuple[_Job, int, torch.Tensor]]) -> None:
         batch = torch.stack([crop for _, _, crop in entries])
         if self.explainer is None:
-            scores = self.score_tensor(batch).tolist()
+            scores = self.log_odds_tensor(batch).tolist()
         else:
             explained = self.explainer(batch.to(self.device))
-            scores = explained.scores.cpu().tolist()
+            scores = explained.log_odds.cpu().double().tolist()
             for (job, slot, _), map_ in zip(entries, explained.maps.cpu().numpy()):
                 job.maps[slot] = map_
         for (job, slot, _), score in zip(entries, scores):
@@ -280,17 +312,23 @@ class Scorer:
         if result["error"] is not None:
             return result
         # An image scores as its most suspicious face; a video as the mean over frames of its frame score.
-        frame_scores = [
+        frame_log_odds = [
             max(s for s, f in zip(job.scores, job.crop_frames) if f == slot)
             for slot in range(len(job.frame_ids))
         ]
+        temperature = self.calibration.temperature if self.calibration else 1.0
+        frame_scores = [sigmoid(z / temperature) for z in frame_log_odds]
+        raw_frame_scores = [sigmoid(z) for z in frame_log_odds]
         score = float(np.mean(frame_scores))
+        decision = self.decisions["frame" if result["kind"] == IMAGE else "video"]
         result["score"] = score
-        result["label"] = "fake" if score >= self.options.threshold else "real"
+        result["raw_score"] = float(np.mean(raw_frame_scores))
+        result["label"] = decision.label(score)
+        result["operating_point"] = decision.describe()
         if self.options.per_frame and result["kind"] != IMAGE:
             result["frame_scores"] = [
-                {"frame": index, "score": s, "faces": n}
-                for index, s, n in zip(job.frame_ids, frame_scores, job.faces_per_frame)
+                {"frame": index, "score": s, "raw_score": r, "faces": n}
+                for index, s, r, n in zip(job.frame_ids, frame_scores, raw_frame_scores, job.faces_per_frame)
             ]
         if self.explainer is not None:
             from masm.explain.outputs import write_explanations

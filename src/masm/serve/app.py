@@ -73,6 +73,7 @@ class Service:
             batch_size=options.max_batch,
             frames=options.frames,
             faces=options.faces,
+            operating_point=options.operating_point,
             threshold=options.threshold,
             per_frame=True,
             max_pixels=options.max_pixels,
@@ -80,7 +81,7 @@ class Service:
         self.scorer = Scorer(self.model_dir, scorer_options, device=options.device)
         self.info = model_info(self.model_dir, self.scorer, options)
         self.batcher = Batcher(
-            self.scorer.score_tensor,
+            self.scorer.log_odds_tensor,
             max_batch=options.max_batch,
             window_s=options.batch_window_ms / 1000,
             max_queue=options.max_queue,
@@ -179,7 +180,9 @@ def model_info(model_dir: Path, scorer: Scorer, options: ServeOptions) -> dict:
         # config.json lists the sha256 of every data file, so its own digest pins the whole checkpoint.
         "checksum": "sha256:" + hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
         "files": {name: f"sha256:{digest}" for name, digest in sorted(config["sha256"].items())},
-        "threshold": options.threshold,
+        # where a label comes from: the operating point (name, threshold, level) images and videos get
+        "operating_point": {level: d.describe() for level, d in scorer.decisions.items()},
+        "calibration": scorer.calibration.to_dict() if scorer.calibration else None,
         "faces": scorer.aligner is not None,
         "device": str(scorer.device),
         "limits": {

@@ -46,7 +46,13 @@ class ServeOptions:
     frames: int = field(default=16, metadata={"help": "evenly spaced frames scored per video"})
     timeout_s: float = field(default=60.0, metadata={"help": "longest time one request may take, in seconds"})
     # -- scoring
-    threshold: float = field(default=0.5, metadata={"help": "score >= threshold is labelled fake"})
+    operating_point: str | None = field(
+        default=None,
+        metadata={"help": "stored operating point to label at (fpr=0.01, eer; default: the detector's own)"},
+    )
+    threshold: float | None = field(
+        default=None, metadata={"help": "label fake at score >= this number instead of an operating point"}
+    )
     faces: bool = field(
         default=True, metadata={"help": "detect and align faces (if the model was trained so)"}
     )
@@ -78,7 +84,8 @@ class ServeOptions:
         bad = [name for name in positive if not getattr(self, name) > 0]
         if bad:
             raise MasmError(f"serve: {', '.join(bad)} must be > 0")
-        if self.batch_window_ms < 0 or not 0.0 <= self.threshold <= 1.0:
+        threshold_ok = self.threshold is None or 0.0 <= self.threshold <= 1.0
+        if self.batch_window_ms < 0 or not threshold_ok:
             raise MasmError(
                 f"serve: batch window must be >= 0 ms and threshold in [0, 1] "
                 f"(got {self.batch_window_ms}, {self.threshold})"

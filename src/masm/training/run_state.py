@@ -127,7 +127,7 @@ class Run:
         return round(self.progress.epoch + self.progress.step_in_epoch / max(1, self.plan.steps_per_epoch), 4)
 
     def progress_bar(self, epoch: int):
-        from ..evaluation.evaluate import _progress_bar
+        from ..evaluation.scoring import progress_bar as _progress_bar
 
         bar = _progress_bar(
             self.plan.steps_per_epoch, f"epoch {epoch + 1}/{self.config.epochs}", self.show_progress

@@ -35,11 +35,10 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, MasmError
-from ..evaluation.evaluate import Shard
+from ..evaluation.scoring import Shard
 from ..explain.evaluate import evaluate_detector
 from ..method import SelectiveMaskController, layer_groups
-from ..models.checkpoint import load_checkpoint
-from ..models.detector import create_detector
+from ..models.factory import create_detector, load_checkpoint
 from ..precision import configure_matmul_precision
 from . import cuda_graph, run_folder
 from . import distributed as dist_utils

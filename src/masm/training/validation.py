@@ -11,8 +11,9 @@ from typing import Any
 
 from ..data.transforms import build_transform
 from ..errors import DataError
-from ..evaluation.evaluate import Shard, metrics_for, score_sharded
+from ..evaluation.evaluate import metrics_for
 from ..evaluation.metrics import mean_over_datasets
+from ..evaluation.scoring import Shard, score_sharded
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .data import RunData

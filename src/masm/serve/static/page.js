@@ -17,10 +17,13 @@ async function describeModel() {
     const response = await fetch("/v1/model", { headers: headers() });
     const info = await response.json();
     if (!response.ok) throw new Error(info.error || response.statusText);
-    threshold = info.threshold;
+    // the plot marks the video-level decision threshold (the frame scores' mean is what it judges)
+    const point = info.operating_point.video;
+    threshold = point.threshold;
     const crops = info.faces ? "aligned face crops" : "whole images";
+    const calibrated = info.calibration ? `calibrated, operating point ${point.name}` : "uncalibrated";
     $("model").textContent = `${info.backbone} (${info.method}), ${info.preprocessing.input_size} px ${crops}, ` +
-      `threshold ${info.threshold}, checkpoint ${info.checksum.slice(0, 19)}…`;
+      `${calibrated} (threshold ${point.threshold.toFixed(4)}), checkpoint ${info.checksum.slice(0, 19)}…`;
   } catch (err) {
     $("model").textContent = `model description unavailable: ${err.message}`;
   }
@@ -68,6 +71,13 @@ function showResult(result) {
   if (result.kind) addDetail("kind", result.kind);
   addDetail("faces found", result.faces === null ? "not looked for (the model scores whole images)" : String(result.faces));
   if (result.frames !== null && result.frames !== undefined) addDetail("frames scored", String(result.frames));
+  if (result.operating_point) {
+    const op = result.operating_point;
+    addDetail("decided at", `${op.name} (${op.level} level): fake when P(fake) ≥ ${op.threshold.toFixed(4)}`);
+  }
+  if (result.raw_score !== null && result.raw_score !== undefined) {
+    addDetail("network's own score", result.raw_score.toFixed(4));
+  }
   if (result.note) addDetail("note", result.note);
   if (result.error) $("error").textContent = result.error;
   if (result.frame_scores && result.frame_scores.length) plotFrames(result.frame_scores);
