@@ -18,17 +18,16 @@ the real DataLoader with that many worker processes (persistent, after a warm-up
 scales with the cores there are. From the rate of one worker ``r`` (frames/s), a training step of ``t``
 seconds on a batch of ``B`` frames needs ``ceil(B / (t * r))`` workers to never wait for data.
 
-Without ``--data`` the benchmark writes its own data set: ``--size`` px aligned face crops of
-scikit-image's astronaut photo (cut as ``masm preprocess`` cuts faces, each frame with a small random
-shift, rotation and scale), half of them forged with the ``blend`` family, saved as PNG like ``masm
-preprocess`` saves them and listed in a DeepfakeBench JSON index. The files are then in the page cache:
-disk reads are not timed.
+Without ``--data`` the benchmark writes its own data set (:mod:`masm.benchmarks.loader_data`): ``--size``
+px aligned face crops of scikit-image's astronaut photo (cut as ``masm preprocess`` cuts faces, each frame
+with a small random shift, rotation and scale), half of them forged with the ``blend`` family, saved as PNG
+like ``masm preprocess`` saves them and listed in a DeepfakeBench JSON index. The files are then in the
+page cache: disk reads are not timed.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import platform
@@ -36,6 +35,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from .common import add_common_arguments, write_result
+from .loader_data import make_dataset, open_records
 
 KINDS = ("crops", "pseudo-fakes")
 # configs/sbi/clip-vit-l14-masm.yaml's data.pseudo_fakes (a test keeps the two equal)
@@ -50,7 +52,6 @@ SBI_PSEUDO_FAKES = {
 # frozen floor's (the least any adapter of those layers costs)
 DEFAULT_STEP_MS = "57.2,24.0"
 DEFAULT_BATCH = 32
-FRAMES_PER_VIDEO = 8
 
 
 def add_arguments(parser) -> None:
@@ -92,7 +93,7 @@ def add_arguments(parser) -> None:
         "--batch-size", type=int, default=DEFAULT_BATCH, help="frames per training step on one GPU"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data and of the passes")
-    parser.add_argument("--out", help="also write the results to this JSON file (default: none)")
+    add_common_arguments(parser, "data")
 
 
 # -- the workers a GPU needs -------------------------------------------------------------------------------
@@ -102,84 +103,6 @@ def workers_needed(batch_size: int, step_ms: float, frames_per_s_per_worker: flo
         raise ValueError("step time and frames per second must be positive")
     exact = batch_size / (step_ms / 1000.0 * frames_per_s_per_worker)
     return max(1, math.ceil(exact - 1e-9))  # 8.000000000000002 from float rounding is 8 workers
-
-
-# -- the generated data set ------------------------------------------------------------------------------
-def make_dataset(root: Path, num_real: int, num_fake: int, size: int, seed: int = 0) -> Path:
-    """A DeepfakeBench index ``root/BenchFaces.json`` (train split) of ``size`` px PNG face crops.
-
-    Real crops: the astronaut's face aligned as ``masm preprocess`` aligns it (ArcFace template, margin
-    1.3), each frame with a small random similarity jitter; fakes: such crops forged by the ``blend``
-    family in a random soft region. ``FRAMES_PER_VIDEO`` frames per video, paths relative to ``root``.
-    """
-    import cv2
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
-    from masm.data import synth
-    from masm.data.faces import FaceAligner
-    from masm.errors import MasmError
-
-    photo = skimage.data.astronaut()
-    aligner = FaceAligner(size, 1.3, detect_width=0)
-    faces = aligner.detect(photo)
-    if not faces:
-        raise MasmError("bench data: dlib found no face in the astronaut photo")
-    base = np.vstack([aligner.transform_for(faces[0]), [0.0, 0.0, 1.0]])
-    dataset = "BenchFaces"
-    index: dict = {"real": {"train": {}}, "fake": {"train": {}}}
-    for label, count in (("real", num_real), ("fake", num_fake)):
-        for i in range(count):
-            rng = synth.sample_rng(seed, 0 if label == "real" else 1, i)
-            angle, scale = rng.uniform(-4, 4), rng.uniform(0.96, 1.04)
-            jitter = np.vstack([cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale), [0, 0, 1]])
-            jitter[:2, 2] += rng.uniform(-0.03, 0.03, size=2) * size
-            crop = cv2.warpAffine(
-                photo,
-                (jitter @ base)[:2],
-                (size, size),
-                flags=cv2.INTER_LINEAR,
-                borderMode=cv2.BORDER_REFLECT,
-            )
-            if label == "fake":
-                image = synth.forge(
-                    crop.astype(np.float32) / 255, "blend", synth.random_region(rng, size), rng, ()
-                )
-                crop = synth.to_uint8(image)
-            video = f"{i // FRAMES_PER_VIDEO:03d}"
-            rel = f"{dataset}/{label}/frames/{video}/{i % FRAMES_PER_VIDEO:03d}.png"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crop).save(root / rel)
-            entry = index[label]["train"].setdefault(video, {"label": label, "frames": [], "masks": []})
-            entry["frames"].append(rel)
-    path = root / f"{dataset}.json"
-    path.write_text(json.dumps({dataset: index}))
-    return path
-
-
-def open_records(data: str, data_root: str | None):
-    """The training records of ``--data`` and its spec; a missing path or no frames is a :class:`MasmError`.
-
-    A path is a DeepfakeBench index (its train split unless ``PATH.json@split``) or a folder dataset; a
-    spec (``dfb:``, ``folder:``, ``frames:``) is read as training reads it (``dfb:`` without a split: train).
-    """
-    from masm.data.dfb import SPLITS
-    from masm.data.spec import open_dataset
-    from masm.errors import MasmError
-
-    kind = data.partition(":")[0]
-    if kind in ("dfb", "folder", "frames"):
-        spec = data + "@train" if kind == "dfb" and "@" not in data[4:] else data
-    else:
-        base, at, split = data.rpartition("@")
-        text, suffix = (base, f"@{split}") if at and split in SPLITS else (data, "@train")
-        path = Path(text)
-        if not path.exists():
-            raise MasmError(f"{path}: not found (--data takes a DeepfakeBench JSON index or a data spec)")
-        spec = f"folder:{text}" if path.is_dir() else f"dfb:{text}{suffix}"
-    index = open_dataset(spec, data_root=data_root, frames_per_video=FRAMES_PER_VIDEO)
-    return index.records, spec
 
 
 # -- timing ------------------------------------------------------------------------------------------------
@@ -368,15 +291,12 @@ def run(args) -> int:
             for step in steps
         ],
     }
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    write_result(args.out, result, format_table(result))
     return 0
 
 
 def format_table(result: dict) -> str:
+    """The summary ``masm bench data`` prints: frames/s per kind and worker count, workers needed per GPU."""
     size = f"{result['crop_size']} px PNG crops" if result["crop_size"] else result["data"]
     lines = [
         f"training loader per sample: {size} -> {result['input_size']} px input, mean file "

@@ -11,11 +11,12 @@ and a PNG overlay per image), interleaved with the others.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from .common import add_common_arguments, write_result
 
 
 def add_arguments(parser) -> None:
@@ -27,7 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--explain", action="store_true", help="also time detect --explain (maps and PNGs)")
-    parser.add_argument("--out", help="also write the results to this JSON file (default: none)")
+    add_common_arguments(parser, "detect")
 
 
 def run(args) -> int:
@@ -109,14 +110,12 @@ def run(args) -> int:
         result["explain_images_per_s"] = statistics.median(explain_ips)
         result["explain_runs"] = explain_ips
         result["explain_ratio"] = result["explain_images_per_s"] / result["plain_forward_images_per_s"]
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result, format_table(result))
     return 0
 
 
 def format_table(result: dict) -> str:
+    """The summary ``masm bench detect`` prints: images/s of each path and their ratios to the plain one."""
     head = (
         f"{result['backbone']} ({result['method']}, merged={result['merged']}), {result['input_size']} px, "
         f"batch {result['batch_size']}, {result['images']} images, median of {result['repeats']}, "

@@ -1,17 +1,17 @@
 """``masm bench explain``: do the quick demo detector's explanation maps point at the forgery?
 
 For each seed the quick demo (``masm demo --quick --seed N``: data, training and detector all follow the
-seed) is run into ``WORK/seed-N`` unless its detector is already there. Its in-distribution test fakes
-(new crops of the training photos, the training family) are made again with the regions they were forged
-in (:func:`masm.data.synth.make_fake_with_region`; each regenerated crop must equal the file the demo
-wrote, byte for byte, or the run stops), and maps are scored against the regions (pixel AUC, pointing
-game; :mod:`masm.explain.localization`): masm's maps (attention relevance) and token Grad-CAM, next to
-three baselines, a uniform, a random and a plain input-gradient map.
+seed) is run into ``WORK/seed-N`` (``--work``) unless its detector is already there. Its in-distribution
+test fakes (new crops of the training photos, the training family) are made again with the regions they
+were forged in (:func:`masm.data.synth.make_fake_with_region`; each regenerated crop must equal the file
+the demo wrote, byte for byte, or the run stops), and maps are scored against the regions (pixel AUC,
+pointing game; :mod:`masm.explain.localization`): masm's maps (attention relevance) and token Grad-CAM,
+next to three baselines, a uniform, a random and a plain input-gradient map.
 
 Spread: mean ± std over the seeds. A seed changes the detector (its data and training) and the random
 map, so the spread is how much the figures move between equally made demo detectors, not only the random
-map's noise. Also writes ``WORK/explain.json`` and ``WORK/explain.png`` (four fakes with their true region
-and each method's map, for the first seed's detector).
+map's noise. Writes the result to ``--out FILE.json`` and, beside it, ``FILE.png`` (four fakes with their
+true region and each method's map, for the first seed's detector).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from .common import add_common_arguments, beside, write_result
+
 METHODS = ("attention relevance", "grad-cam", "input gradient", "random", "uniform")
 BASELINES = ("input gradient", "random", "uniform")
 GOAL_AUC = 0.75
@@ -29,13 +31,16 @@ GOAL_AUC = 0.75
 def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quick demo seeds")
     parser.add_argument(
-        "--work", type=Path, default=Path("runs/explain-bench"), help="quick demo runs and results (reused)"
-    )
-    parser.add_argument(
         "--split", default="test", choices=("test", "val"), help="demo split whose fakes are explained"
     )
     parser.add_argument("--batch-size", type=int, default=50, help="images per forward and backward")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars while training")
+    add_common_arguments(
+        parser,
+        "explain",
+        figures="the maps of four fakes beside it as FILE.png",
+        work="quick demo runs, one folder per seed (reused when there)",
+        progress="no progress bars while training",
+    )
 
 
 def run(args) -> int:
@@ -54,10 +59,7 @@ def run(args) -> int:
         "goal": goal_verdict(summary),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "explain.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(format_table(result))
-    print(f"wrote {args.work / 'explain.json'} and {args.work / 'explain.png'}")
+    write_result(args.out, result, format_table(result), figures=(beside(args.out, ".png"),))
     return 0
 
 
@@ -95,7 +97,7 @@ def evaluate_seed(args, seed: int) -> dict:
         from masm.explain.render import method_sheet
 
         shown = {name: m[:4].numpy() for name, m in maps.items() if name != "uniform"}
-        method_sheet(images[:4], masks[:4], shown, args.work / "explain.png")
+        method_sheet(images[:4], masks[:4], shown, beside(args.out, ".png"))
     scores: dict = {name: localization_scores(m.numpy(), masks) for name, m in maps.items()}
     scores["detection"] = {
         "fakes_flagged": float((relevance.scores >= 0.5).float().mean()),
@@ -161,6 +163,7 @@ def goal_verdict(summary: dict) -> dict:
 
 
 def format_table(result: dict) -> str:
+    """The summary ``masm bench explain`` prints: each map's scores over the seeds, and the goal's verdict."""
     seeds = result["seeds"]
     lines = [
         f"explanation maps of the quick demo detector on its {result['split']} split's in-distribution "

@@ -8,12 +8,13 @@ per-video pipeline (decode, detect, align, write PNGs) as ``masm preprocess`` ru
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from .common import add_common_arguments, write_result
 
 
 def add_arguments(parser) -> None:
@@ -23,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--detect-widths", default="320,640,0", help="comma-separated detection widths (0: full resolution)"
     )
-    parser.add_argument("--out", help="also write the results to this JSON file (default: none)")
+    add_common_arguments(parser, "preprocess")
 
 
 def make_clip(path: Path, num_frames: int, width: int = 1280, height: int = 720) -> Path:
@@ -93,14 +94,21 @@ def run(args) -> int:
             t = _median_time(whole, args.repeats)
             rows.append({"stage": "whole pipeline (decode+detect+align+PNG)", "detect_width": width or 1280,
                          "seconds": t, "fps": n / t, "faces_found": f"{len(results[-1]['frames'])}/{n}"})  # fmt: skip
-    print(
-        f"face preprocessing, 1280x720 clip, {n} frames, median of {args.repeats}, {platform.processor() or platform.machine()}"
-    )
-    print(f"{'stage':44s} {'detect px':>9s} {'seconds':>8s} {'frames/s':>9s} {'faces':>7s}")
-    for r in rows:
-        dw = "" if r["detect_width"] is None else str(r["detect_width"])
-        print(f"{r['stage']:44s} {dw:>9s} {r['seconds']:8.3f} {r['fps']:9.1f} {r['faces_found'] or '':>7s}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"frames": n, "repeats": args.repeats, "rows": rows}, indent=1))
-        print(f"wrote {args.out}")
+    result = {"frames": n, "repeats": args.repeats, "rows": rows}
+    write_result(args.out, result, format_table(result, platform.processor() or platform.machine()))
     return 0
+
+
+def format_table(result: dict, machine: str) -> str:
+    """The summary ``masm bench preprocess`` prints: seconds and frames/s of each stage on ``machine``."""
+    head = f"face preprocessing, 1280x720 clip, {result['frames']} frames, median of {result['repeats']}"
+    lines = [
+        f"{head}, {machine}",
+        f"{'stage':44s} {'detect px':>9s} {'seconds':>8s} {'frames/s':>9s} {'faces':>7s}",
+    ]
+    for r in result["rows"]:
+        dw = "" if r["detect_width"] is None else str(r["detect_width"])
+        lines.append(
+            f"{r['stage']:44s} {dw:>9s} {r['seconds']:8.3f} {r['fps']:9.1f} {r['faces_found'] or '':>7s}"
+        )
+    return "\n".join(lines)

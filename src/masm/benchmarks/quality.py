@@ -5,15 +5,16 @@ forgeries of the training families made on the fly; fixed, seeded test sets), sa
 method; several seeds. The table reports mean ± std of the frame AUC in distribution, on the held-out
 forgery families (never seen in training) and on forgeries made from photos never seen, and how far each
 method moved the pretrained attention weights (``‖W − W⁰‖ / ‖W⁰‖``, mean over seeds). See
-:mod:`masm.demo.experiment`.
+:mod:`masm.demo.experiment`. The data (reused when there) and each run's folder go to ``--work``; every
+run's figures and the summary to ``--out FILE.json``, the table beside it as ``FILE.md``.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
+
+from .common import add_common_arguments, beside, machine_info, write_result
 
 METHODS = ["masm", "fmsd", "effort", "effort-reg", "lora", "full", "linear", "ln-tune"]
 
@@ -51,7 +52,6 @@ LR = 3e-3
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("bench-quality"), help="output directory")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs in parallel, one process and one thread each"
@@ -82,20 +82,26 @@ def add_arguments(parser) -> None:
         default=TRAIN_FAMILIES,
         help="families seen in training (the others are held out)",
     )
+    add_common_arguments(
+        parser,
+        "quality",
+        figures="the table beside it as FILE.md",
+        work="the generated data (reused when there) and every run's folder, one per row and seed",
+        progress="no progress bar while the demo backbone is pretrained (the first run on a machine)",
+    )
 
 
 def run(args) -> int:
     from ..demo.experiment import DataSettings, RunSettings, prepare_data
     from ..demo.run import ensure_demo_backbone
     from ..errors import MasmError
-    from .speed import machine_info
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise MasmError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if args.backbone == "demo-clip":
-        ensure_demo_backbone(progress=True)
+        ensure_demo_backbone(progress=not args.no_progress)
     data = DataSettings(
         train_reals=args.train_reals,
         eval_per_family=args.eval_per_family,
@@ -103,7 +109,7 @@ def run(args) -> int:
         strength=args.strength,
         train_families=tuple(args.train_families.split(",")),
     )
-    splits = prepare_data(args.out / "data", data)
+    splits = prepare_data(args.work / "data", data)
     print(splits.describe())
     settings = RunSettings(backbone=args.backbone, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     plan = [(m, m, {}) for m in methods]
@@ -113,7 +119,7 @@ def run(args) -> int:
             plan += [(name, method, overrides) for name, (method, overrides) in MORE_ABLATIONS.items()]
     plan = only_rows(plan, args.only)
     jobs = [
-        (label, method, overrides, seed, args.out / "runs" / _slug(label) / f"seed{seed}")
+        (label, method, overrides, seed, args.work / "runs" / _slug(label) / f"seed{seed}")
         for label, method, overrides in plan
         for seed in range(args.seeds)
     ]
@@ -140,14 +146,10 @@ def run(args) -> int:
         "seconds": round(time.perf_counter() - start, 1),
         "machine": machine_info(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1)
-    )
     table = format_summary(summary)
-    (args.out / "quality.md").write_text(f"{table}\n\n{meta['splits']}\n")
-    print(table)
-    print(f"wrote {args.out / 'quality.md'} and {args.out / 'quality.json'}")
+    markdown = beside(args.out, ".md")
+    markdown.write_text(f"{table}\n\n{meta['splits']}\n")
+    write_result(args.out, {"meta": meta, "summary": summary, "runs": runs}, table, figures=(markdown,))
     return 0
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from masm.errors import MasmError
 
+from .common import add_common_arguments, write_result
+
 # A server that is not answering /health by then did not start.
 START_TIMEOUT_S = 120
 
@@ -45,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--serve-args", default="", help="extra arguments for masm serve, e.g. '--batch-window-ms 5'"
     )
-    parser.add_argument("--out", help="also write the results to this JSON file (default: none)")
+    add_common_arguments(parser, "serve")
 
 
 def run(args) -> int:
@@ -63,10 +65,7 @@ def run(args) -> int:
         serve_args=args.serve_args,
         cpus=os.cpu_count(),
     )
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result, format_table(result))
     return 1 if result["errors"] else 0
 
 
@@ -256,6 +255,7 @@ def measure(url: str, bodies, clients: int, requests: int, rounds: int) -> dict:
 
 
 def format_table(result: dict) -> str:
+    """The summary ``masm bench serve`` prints: requests/s and latencies of both modes, their ratio."""
     head = (
         f"masm serve over loopback: {result['model']}, {result['image_size']} px PNGs, "
         f"{result['requests']} requests per mode, median of {result['rounds']} rounds, {result['cpus']} CPUs"

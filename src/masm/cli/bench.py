@@ -1,5 +1,7 @@
 """``masm bench NAME``: benchmarks. Each lives in ``masm.benchmarks.<module>`` and defines
-``add_arguments(parser)`` and ``run(args) -> int``."""
+``add_arguments(parser)`` and ``run(args) -> int``; all share one shape (:mod:`masm.benchmarks.common`):
+``--out FILE.json`` with any figures beside it, ``--work DIR`` for the runs a benchmark reuses, and
+``--no-progress``."""
 
 from __future__ import annotations
 
