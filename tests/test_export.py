@@ -84,7 +84,7 @@ def test_onnx_scores_images_of_any_size_as_masm_detect_does(exported, tmp_path):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (image_input,) = session.get_inputs()
     assert image_input.name == "image" and image_input.type == "tensor(uint8)"
-    assert [o.name for o in session.get_outputs()] == ["logits", "score"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "score", "raw_score"]
     for path in paths:
         rgb = np.asarray(Image.open(path).convert("RGB"))
         (score,) = session.run(["score"], {"image": rgb[None]})

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--frames", type=int, default=32, help="frames per video, evenly spaced (0: all)")
     parser.add_argument(
-        "--data-root", help="folder that relative frame paths in a dfb: index resolve against"
+        "--data-root",
+        help="folder that relative frame paths in a dfb: index resolve against (default: the index's own folder)",
     )
     parser.add_argument("--compression", default="c23", help="FF++-family compression level")
     parser.add_argument("--batch-size", type=int, default=64, help="frames per forward pass")

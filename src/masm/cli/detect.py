@@ -37,7 +37,9 @@ def register(subparsers) -> None:
         "the detector, else 0.5 with a note)",
     )
     parser.add_argument(
-        "--threshold", type=float, help="label 'fake' at score >= this number instead of an operating point"
+        "--threshold",
+        type=float,
+        help="label 'fake' at score >= this number instead of an operating point (default: none)",
     )
     parser.add_argument("--per-frame", action="store_true", help="add per-frame scores to video results")
     parser.add_argument(
@@ -66,8 +68,8 @@ def run(args) -> int:
     )
     options.validate()
     scorer = Scorer(args.checkpoint, options, device=_device(args.device))
-    for decision in {d.note: d for d in scorer.decisions.values() if d.note}.values():
-        print(f"masm detect: note: {decision.note}", file=sys.stderr)
+    if scorer.decisions["frame"].note:  # no operating point stored (a video's fallback is in its line)
+        print(f"masm detect: note: {scorer.decisions['frame'].note}", file=sys.stderr)
     inputs = list(expand_inputs(args.inputs))
     show_table = sys.stdout.isatty()
     sink = _open_out(args.out) if args.out else (None if show_table else sys.stdout)

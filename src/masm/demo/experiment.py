@@ -277,7 +277,22 @@ def run_method(
         "attn_weight_change": change,
         "checkpoint": str(result.best_checkpoint),
         "evaluation": evaluation,
+        # the stored operating points (chosen on val at the end of training) on each test set
+        "operating_points": operating_point_drift(evaluation),
     }
+
+
+def operating_point_drift(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{point: {test set: {"fpr", "tpr", "fpr_drift", "chosen_on"}}}`` at frame level, from an evaluation
+    of a calibrated detector (empty when it stores no operating point)."""
+    drift: dict[str, dict[str, Any]] = {}
+    for name, result in evaluation["datasets"].items():
+        stored = result.get("deployment", {}).get("frame", {}).get("operating_points", {})
+        for point, rates in stored.items():
+            drift.setdefault(point, {})[name] = {
+                k: rates[k] for k in ("threshold", "fpr", "tpr", "fpr_drift", "n_real", "chosen_on")
+            }
+    return drift
 
 
 # Columns of the result tables of `masm demo` and `masm bench quality`, in the order of their rows.

@@ -118,6 +118,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) ->
         for name, r in methods.items()
     ]
     table = format_table(rows, RESULT_COLUMNS)
+    decisions = operating_point_table(methods["masm"]["operating_points"])
     seconds = time.perf_counter() - start
     report = {
         "settings": asdict(settings),
@@ -138,11 +139,33 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, progress: bool = True) ->
         f"fly; tested on the same families (in-distribution), on held-out families "
         f"{', '.join(splits.heldout_families)} (never seen in training), and on every family made from "
         f"photos never seen (unseen photos).\n\n"
-        f"{table}\n\n{splits.describe()}\n\nROC curves: roc.png; selective mask: masks.png; where MASM "
+        f"{table}\n\n{decisions}{splits.describe()}\n\nROC curves: roc.png; selective mask: masks.png; where MASM "
         "looks (in-distribution test: highest-scoring fakes, false alarms, misses, with their explanation "
         "maps): examples.png; "
         f"detector: model/ (use with `masm eval` / `masm detect`). Took {seconds:.0f} s.\n"
     )
     print(table)
+    if decisions:
+        print(decisions)
     print(f"wrote {out_dir / 'report.md'}; detector at {model_dir} ({seconds:.0f} s in all)")
     return report
+
+
+def operating_point_table(drift: dict[str, dict]) -> str:
+    """Markdown: MASM's stored operating points (chosen on the validation split at the end of training)
+    and the false-alarm and detection rates they give on each test set, with the FPR's drift."""
+    from ..evaluation.report import format_table
+
+    if not drift:
+        return ""
+    parts = []
+    for point, per_set in drift.items():
+        chosen = next(iter(per_set.values()))["chosen_on"]
+        parts.append(
+            f"MASM's operating point {point}, chosen on {chosen['data']} ({chosen['n_real']} reals: FPR "
+            f"{chosen['fpr']:.4f}, TPR {chosen['tpr']:.4f}), threshold {next(iter(per_set.values()))['threshold']:.4f} "
+            "on the calibrated score, on each test set:\n"
+        )
+        rows = [[name, r["fpr"], r["fpr_drift"], r["tpr"], r["n_real"]] for name, r in per_set.items()]
+        parts.append(format_table(rows, ["test set", "FPR", "FPR drift", "TPR", "reals"]))
+    return "\n".join(parts) + "\n"

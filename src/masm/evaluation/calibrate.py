@@ -22,7 +22,7 @@ import torch
 from ..errors import MasmError
 from ..models.calibration import Calibration
 from ..precision import resolve_device
-from .calibration import expit, fit_calibration
+from .calibration import check_calibration_labels, expit, fit_calibration
 from .calibration_plots import plot_log_roc, plot_reliability
 from .report_table import format_table
 from .scoring import Shard, score_sharded
@@ -74,16 +74,20 @@ def calibrate_detector(
     out_dir: str | Path | None = None,
     points: Sequence[str] | None = None,
     default: str | None = None,
+    lenient: bool = False,
     **scoring: Any,
 ) -> tuple[Calibration, list[str]] | None:
     """Fit ``detector``'s calibration on the frames of ``index`` (a :class:`~masm.data.index.FrameIndex`);
-    returns ``(calibration, notes)`` on rank 0 (None elsewhere) and, with ``out_dir``, writes the report."""
+    returns ``(calibration, notes)`` on rank 0 (None elsewhere) and, with ``out_dir``, writes the report.
+    ``lenient``: an operating point the data cannot support is skipped with a note, not refused."""
+    labels = [int(r.label) for r in index.records]
+    check_calibration_labels(labels, points=points, data=index.name, lenient=lenient)
     scored = score_for_calibration(detector, index, **scoring)
     if scored is None:
         return None
     log_odds, labels, videos = scored
     calibration, notes = fit_calibration(
-        log_odds, labels, videos=videos, points=points, default=default, data=index.name
+        log_odds, labels, videos=videos, points=points, default=default, data=index.name, lenient=lenient
     )
     if out_dir is not None:
         write_calibration_report(out_dir, calibration, notes, log_odds, labels)

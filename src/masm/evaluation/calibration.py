@@ -246,6 +246,25 @@ def rates_at(labels: Any, scores: Any, threshold: float) -> dict:
 # -- one data set -> a Calibration ------------------------------------------------------------------------
 
 
+def check_calibration_labels(
+    labels: Any, *, points: Sequence[str] | None = None, data: str = "calibration data", lenient: bool = False
+) -> None:
+    """Refuse, before anything is scored, data that cannot be calibrated on: one class only, or fewer
+    reals than a named (or, unless ``lenient``, a non-optional default) operating point needs."""
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    n_real, _ = _both_classes(y, data, "frames")
+    if lenient:
+        return
+    for name in points if points is not None else DEFAULT_POINTS:
+        kind, target = parse_operating_point(name)
+        optional = points is None and canonical_operating_point(name) in OPTIONAL_POINTS
+        if kind == "fpr" and n_real < min_reals_for(target) and not optional:
+            raise MasmError(
+                f"{data}: {n_real} real frames, too few for operating point {canonical_operating_point(name)} "
+                f"(needs at least {min_reals_for(target)})"
+            )
+
+
 def fit_calibration(
     log_odds: Any,
     labels: Any,
@@ -254,7 +273,7 @@ def fit_calibration(
     points: Sequence[str] | None = None,
     default: str | None = None,
     data: str = "calibration data",
-    fit_temperature_: bool = True,
+    lenient: bool = False,
 ) -> tuple[Calibration, list[str]]:
     """Temperature and operating points fitted on one labelled data set; returns ``(calibration, notes)``.
 
@@ -262,7 +281,8 @@ def fit_calibration(
     with a note when the data have too few reals; a point named explicitly is refused then. With
     ``videos`` (one key per frame, and at least one video with more than one frame), the points are also
     chosen at video level on the mean calibrated frame score of each video. ``default`` (the point a
-    deployment uses) defaults to the first point fitted.
+    deployment uses) defaults to the first point fitted. ``lenient`` skips (with a note) every point the
+    data cannot support, named or not (the trainer's end-of-run calibration).
     """
     z = np.asarray(log_odds, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1).astype(np.int64)
@@ -273,7 +293,7 @@ def fit_calibration(
     n_real, n_fake = _both_classes(y, data, "frames")
     explicit = points is not None
     names = [canonical_operating_point(p) for p in (points if explicit else DEFAULT_POINTS)]
-    temperature = fit_temperature(z, y) if fit_temperature_ else 1.0
+    temperature = fit_temperature(z, y)
     raw, calibrated = expit(z), expit(z / temperature)
     metrics = {
         "before": calibration_metrics(y, raw),
@@ -295,7 +315,7 @@ def fit_calibration(
                     choose_operating_point(level_labels, level_scores, name, level=level, data=data)
                 )
             except MasmError as err:
-                if explicit or name not in OPTIONAL_POINTS:
+                if not lenient and (explicit or name not in OPTIONAL_POINTS):
                     raise
                 notes.append(f"{name} ({level} level) not stored: {str(err).split(': ', 1)[1]}")
     fitted = {op.name for op in chosen if op.level == "frame"}

@@ -145,7 +145,8 @@ class Decision:
 
     def describe(self) -> dict[str, Any]:
         """The operating point as outputs name it (JSON line, service answer)."""
-        return {"name": self.name, "threshold": self.threshold, "level": self.level}
+        described = {"name": self.name, "threshold": self.threshold, "level": self.level}
+        return described if self.note is None else {**described, "note": self.note}
 
 
 def resolve_decisions(

@@ -153,6 +153,13 @@ class TrainConfig:
         default=500,
         metadata={"help": "optimizer steps between saves of checkpoints/last (0: epoch ends only)"},
     )
+    calibrate: bool = field(
+        default=True,
+        metadata={
+            "help": "at the end, fit the best checkpoint's temperature and operating points (fpr=0.01, "
+            "fpr=0.001, eer) on the validation split and store them with it (masm calibrate)"
+        },
+    )
     select_on: Literal["val", "test"] = field(
         default="val",
         metadata={

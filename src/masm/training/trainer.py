@@ -46,6 +46,7 @@ from .checkpoints import RunCheckpoints, truncate_jsonl
 from .config import TrainConfig, config_to_dict
 from .data import DataArg, RunData, build_train_loader, open_run_data, record_in_memory_data
 from .failures import FailureLedger
+from .final_calibration import calibrate_best
 from .health import StepHealth
 from .layer_selection import needs_selection, select_layers
 from .loop import fit
@@ -78,6 +79,8 @@ class TrainResult:
     metrics_path: Path | None = None
     frames_failed: int = 0  # training samples that failed to load or forge, over all ranks and resumes
     resumed_from: Path | None = None
+    # the best checkpoint's calibration on the validation split: {"calibration", "notes", "report"} (rank 0)
+    calibration: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -262,6 +265,7 @@ def _train(config, out, resume, env, progress, in_memory, on_step, overwrite, re
     fit(run)
     run.finish()
     _dump_state_hash(run)
+    calibrated = calibrate_best(run, progress)
     test = _evaluate_best(run, config, progress) if data.tests else None
     dist_utils.barrier(env)
     return TrainResult(
@@ -278,6 +282,7 @@ def _train(config, out, resume, env, progress, in_memory, on_step, overwrite, re
         metrics_path=run.metrics_path,
         frames_failed=run.failures.failed,
         resumed_from=found,
+        calibration=calibrated,
     )
 
 
