@@ -209,8 +209,16 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for label in dict.fromkeys(r["label"] for r in runs):
         group = [r for r in runs if r["label"] == label]
-        entry = {"n": len(group), "trainable_params": group[0]["trainable_params"]}
-        for key in ("indist_auc", "heldout_auc", "unseen_auc", "train_seconds", "attn_weight_change"):
+        entry: dict = {"n": len(group), "trainable_params": group[0]["trainable_params"]}
+        for key in (
+            "indist_auc",
+            "heldout_auc",
+            "unseen_auc",
+            "heldout_tpr_at_fpr1",
+            "unseen_tpr_at_fpr1",
+            "train_seconds",
+            "attn_weight_change",
+        ):
             values = [r[key] for r in group if r.get(key) is not None]
             entry[key] = statistics.mean(values) if values else None
             entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -223,7 +231,9 @@ def format_summary(summary: dict[str, dict]) -> str:
     from ..evaluation.report import format_table
 
     def pm(entry, key):
-        return "n/a" if entry[key] is None else f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}"
+        if entry.get(key) is None:  # also a summary written before the column existed
+            return "n/a"
+        return f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}"
 
     rows = [
         [
@@ -231,6 +241,8 @@ def format_summary(summary: dict[str, dict]) -> str:
             pm(e, "indist_auc"),
             pm(e, "heldout_auc"),
             pm(e, "unseen_auc"),
+            pm(e, "heldout_tpr_at_fpr1"),
+            pm(e, "unseen_tpr_at_fpr1"),
             "n/a" if e["attn_weight_change"] is None else f"{e['attn_weight_change']:.4f}",
             e["trainable_params"],
             f"{e['train_seconds']:.0f}",
@@ -238,7 +250,13 @@ def format_summary(summary: dict[str, dict]) -> str:
         ]
         for label, e in summary.items()
     ]
-    return format_table(rows, [*RESULT_COLUMNS, "seeds"])
+    columns = [
+        *RESULT_COLUMNS[:4],
+        "held-out TPR @ FPR 1 %",
+        "unseen-photo TPR @ FPR 1 %",
+        *RESULT_COLUMNS[4:],
+    ]
+    return format_table(rows, [*columns, "seeds"])
 
 
 def _argv(args) -> list[str]:

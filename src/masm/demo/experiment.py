@@ -270,6 +270,15 @@ def run_method(
         "heldout_auc": datasets["heldout"]["frame"]["auc"],
         "indist_auc": datasets["in-distribution"]["frame"]["auc"],
         "unseen_auc": datasets["unseen-photos"]["frame"]["auc"],
+        # the detection rate at a false-alarm rate of 1 % (frame level, threshold set on each test set)
+        **{
+            f"{key}_tpr_at_fpr1": datasets[name]["deployment"]["frame"]["tpr_at_fpr"]["0.01"]["tpr"]
+            for key, name in (
+                ("heldout", "heldout"),
+                ("indist", "in-distribution"),
+                ("unseen", "unseen-photos"),
+            )
+        },
         "val_auc": result.best_metric,
         "best_step": result.best_step,
         "train_seconds": round(train_seconds, 2),

@@ -197,6 +197,10 @@ class Scorer:
         batches; scores are made from them, so calibration loses nothing to a saturated float32 P(fake)."""
         return log_odds_of_logits(self.model(pixel_values.to(self.device))).cpu().double()
 
+    def calibrated_score(self, log_odds: float) -> float:
+        """The calibrated P(fake) of one crop's log-odds (the raw P(fake) without a stored calibration)."""
+        return sigmoid(log_odds / (self.calibration.temperature if self.calibration else 1.0))
+
     def score_tensor(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Calibrated P(fake) (float64) for a batch of preprocessed inputs (N, 3, S, S)."""
         log_odds = self.log_odds_tensor(pixel_values)
@@ -316,8 +320,7 @@ class Scorer:
             max(s for s, f in zip(job.scores, job.crop_frames) if f == slot)
             for slot in range(len(job.frame_ids))
         ]
-        temperature = self.calibration.temperature if self.calibration else 1.0
-        frame_scores = [sigmoid(z / temperature) for z in frame_log_odds]
+        frame_scores = [self.calibrated_score(z) for z in frame_log_odds]
         raw_frame_scores = [sigmoid(z) for z in frame_log_odds]
         score = float(np.mean(frame_scores))
         decision = self.decisions["frame" if result["kind"] == IMAGE else "video"]

@@ -153,8 +153,12 @@ class Service:
         pre = self.scorer.preprocessing
         frame_ids = [job.frame_ids[slot] for slot in job.crop_frames]
         return [
-            {"frame": frame, "score": score, "map": overlay_png(crop, heat, pre.mean, pre.std)}
-            for frame, score, crop, heat in zip(frame_ids, job.scores, batch, maps)
+            {
+                "frame": frame,
+                "score": self.scorer.calibrated_score(log_odds),
+                "map": overlay_png(crop, heat, pre.mean, pre.std),
+            }
+            for frame, log_odds, crop, heat in zip(frame_ids, job.scores, batch, maps)
         ]
 
 
