@@ -132,6 +132,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # ``X | None``: X's own error names the key at fault
+            return _convert(options[0], value, where)
         errors = []
         for arg in args:
             if arg is type(None):

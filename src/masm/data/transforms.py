@@ -1,5 +1,9 @@
 """Image transforms: RGB uint8 (H, W, 3) -> normalised float32 CHW tensor for a detector.
 
+Face detectors (and every detector without ``preprocessing.whole_image``) resize the short side to the
+input size and keep the centre square; whole-image detectors crop or tile without resizing
+(:mod:`masm.data.whole_image`).
+
 Training augmentation uses albumentations rather than torchvision v2: torchvision cannot be installed
 beside this project's torch build, and albumentations works directly on numpy RGB uint8 arrays (what
 :func:`masm.data.images.load_rgb` returns) with JPEG, noise and colour augmentations built in.
@@ -16,6 +20,7 @@ from masm.models.preprocessing import Preprocessing
 
 from .perturb import apply_perturbation
 from .sampling import derive_seed
+from .whole_image import WholeImageAugmentation, center_crop, center_origin, tile_origins, tiles
 
 
 @dataclass
@@ -75,27 +80,64 @@ class FrameTransform:
     """Callable ``rgb uint8 (H, W, 3) -> float32 (3, S, S)`` tensor; see :func:`build_transform`.
 
     ``key`` (the image path, passed by :class:`masm.data.dataset.FrameDataset`) seeds the perturbation per
-    image; without it the run's seed is used as is.
+    image; without it the run's seed is used as is. ``policy`` is how the image becomes the input: ``resize``
+    (short side to ``S``, centre square), ``crop`` (the augmentation made the ``S`` x ``S`` crop already),
+    ``center_crop`` or ``tiles`` (:mod:`masm.data.whole_image`); under ``tiles`` (``tiled``) the result is
+    the stack of the image's tiles, ``(T, 3, S, S)``.
     """
 
-    def __init__(self, preprocessing: Preprocessing, augmentation=None, perturbation=None, seed: int = 0):
+    def __init__(
+        self,
+        preprocessing: Preprocessing,
+        augmentation=None,
+        perturbation=None,
+        seed: int = 0,
+        policy: str = "resize",
+    ):
         self.size = preprocessing.input_size
+        self.policy = policy
+        self.small_side = preprocessing.whole_image.small_side if preprocessing.whole_image else self.size
         self.mean = np.asarray(preprocessing.mean, dtype=np.float32) * 255.0
         self.std = np.asarray(preprocessing.std, dtype=np.float32) * 255.0
         self.augmentation = augmentation
         self.perturbation = perturbation
         self.seed = seed
+        # A masm.data.reencode.Reencoder, set by the caller: every image re-encoded alike before anything
+        # else (training's data.align_format, eval's --bias-check), so the file format tells nothing.
+        self.reencode = None
 
     def __call__(self, rgb: np.ndarray, key: str | None = None) -> torch.Tensor:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+        if self.reencode is not None:
+            rgb = self.reencode(rgb)
         if self.perturbation is not None:
             name, level = self.perturbation
             seed = derive_seed(self.seed, key) if key is not None else self.seed
             rgb = apply_perturbation(rgb, name, level, seed)
         if self.augmentation is not None:
             rgb = self.augmentation(image=rgb)["image"]
-        rgb = resize_square(rgb, self.size)
+        if self.tiled:
+            return torch.stack([self._normalise(tile) for tile in tiles(rgb, self.size)])
+        if self.policy == "center_crop":
+            return self._normalise(center_crop(rgb, self.size, self.small_side))
+        return self._normalise(resize_square(rgb, self.size))  # "crop": already S x S, left as it is
+
+    @property
+    def tiled(self) -> bool:
+        """Whether an image becomes several inputs (``(T, 3, S, S)``), whose scores are then combined."""
+        return self.policy == "tiles"
+
+    def crop_origins(self, height: int, width: int) -> list[tuple[int, int]] | None:
+        """``(top, left)`` in the image of each input an image of ``height`` x ``width`` pixels gives
+        (crops of the image repeated periodically, not resized); ``None`` for the ``resize`` policy."""
+        if self.policy == "center_crop":
+            return [center_origin(height, width, self.size, self.small_side)]
+        if self.tiled:
+            return tile_origins(height, width, self.size)
+        return None
+
+    def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
         arr = (rgb.astype(np.float32) - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
@@ -108,13 +150,27 @@ def build_transform(
     perturbation: tuple[str, int] | None = None,
     seed: int = 0,
 ) -> FrameTransform:
-    """The transform for a detector's ``preprocessing``: resize to ``input_size``, normalise by mean/std.
+    """The transform for a detector's ``preprocessing``: the input of ``input_size``, normalised by mean/std.
 
     ``train=True`` adds the augmentation of ``augment`` (default :class:`AugmentConfig`); ``perturbation``
     ``(name, level)`` applies a robustness perturbation first (evaluation), seeded per image by ``seed``
-    and the image path.
+    and the image path. A whole-image detector (``preprocessing.whole_image``) takes its training recipe
+    (random crop, flip, blur, JPEG) and its test policy from there; of ``augment`` only ``enabled``
+    applies to it (off: the random crop stays, flip, blur and JPEG go).
     """
-    augmentation = build_augmentation(augment or AugmentConfig()) if train else None
+    augment = augment or AugmentConfig()
+    whole = preprocessing.whole_image
     if perturbation is not None:
         apply_perturbation(np.zeros((8, 8, 3), np.uint8), *perturbation)  # validate name and level early
-    return FrameTransform(preprocessing, augmentation, perturbation, seed)
+    if whole is None:
+        augmentation = build_augmentation(augment) if train else None
+        return FrameTransform(preprocessing, augmentation, perturbation, seed)
+    if not train:
+        return FrameTransform(preprocessing, None, perturbation, seed, policy=whole.test)
+    crop = whole.train == "random_crop"
+    augmentation = WholeImageAugmentation(
+        whole, preprocessing.input_size, augment=augment.enabled, crop=crop, seed=seed
+    )
+    return FrameTransform(
+        preprocessing, augmentation, perturbation, seed, policy="crop" if crop else "resize"
+    )

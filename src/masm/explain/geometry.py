@@ -24,6 +24,16 @@ def input_matrix(height: int, width: int, size: int) -> np.ndarray:
     return np.array([[fx, 0.0, 0.5 * fx - 0.5 - left], [0.0, fy, 0.5 * fy - 0.5 - top]])
 
 
+def transform_matrices(transform, height: int, width: int) -> list[np.ndarray]:
+    """Frame pixels -> model input pixels of each input a :class:`~masm.data.transforms.FrameTransform` makes
+    of an image: the resize's :func:`input_matrix`, or, for a whole-image detector's crops and tiles (never
+    resized), a shift per crop (pixels a crop repeats periodically fall outside the image)."""
+    origins = transform.crop_origins(height, width)
+    if origins is None:
+        return [input_matrix(height, width, transform.size)]
+    return [np.array([[1.0, 0.0, -float(left)], [0.0, 1.0, -float(top)]]) for top, left in origins]
+
+
 def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The 2x3 matrix of ``outer`` applied after ``inner``."""
     full = np.vstack([inner, [0.0, 0.0, 1.0]])

@@ -58,12 +58,12 @@ def explain(
     """Explanation maps of ``detector``'s P(fake), one float32 ``(H, W)`` array in [0, 1] per image.
 
     ``images`` are either RGB ``uint8`` arrays ``(H, W, 3)`` of any size (preprocessed as the detector
-    expects; each map is returned at its image's size, zero outside the centre square the model saw), or
+    expects; each map is returned at its image's size, zero where the model saw nothing), or
     an already preprocessed batch ``(N, 3, S, S)`` (maps at ``S`` x ``S``). Merged or not, the detector is
     not changed, and its parameters get no ``.grad``. One forward and one backward per ``batch_size``.
     """
     from ..data.transforms import build_transform
-    from .geometry import input_matrix, to_frame
+    from .geometry import to_frame, transform_matrices
 
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
@@ -74,10 +74,17 @@ def explain(
     if not images:
         return []
     transform = build_transform(detector.preprocessing, train=False)
-    pixels = torch.stack([transform(np.asarray(image)) for image in images])
-    maps = explain_batches(detector, pixels, batch_size=batch_size, method=method).maps.numpy()
-    size = detector.preprocessing.input_size
-    return [
-        to_frame(m, input_matrix(image.shape[0], image.shape[1], size), image.shape[:2])
-        for m, image in zip(maps, images)
-    ]
+    # A whole-image detector may cut an image into several tiles: each map lands where its tile was cut,
+    # and an image's map is the largest value of any of its tiles' at each pixel.
+    crops, owners = [], []
+    for number, image in enumerate(images):
+        pixels = transform(np.asarray(image))
+        image_crops = list(pixels) if transform.tiled else [pixels]
+        crops += image_crops
+        owners += [number] * len(image_crops)
+    maps = explain_batches(detector, torch.stack(crops), batch_size=batch_size, method=method).maps.numpy()
+    matrices = [m for image in images for m in transform_matrices(transform, *image.shape[:2])]
+    framed: list[list[np.ndarray]] = [[] for _ in images]
+    for map_, matrix, number in zip(maps, matrices, owners):
+        framed[number].append(to_frame(map_, matrix, images[number].shape[:2]))
+    return [np.maximum.reduce(maps_of_image) for maps_of_image in framed]

@@ -2,7 +2,10 @@
 
 :class:`Scorer` turns paths into one result dict per input (see :data:`RESULT_KEYS`). Face crops of many
 inputs share a batch, and the model is merged (adapters folded into plain Linears), so the forward pass
-costs exactly what the plain backbone costs. A bad input gets ``error`` set and the run goes on.
+costs exactly what the plain backbone costs. A bad input gets ``error`` set and the run goes on. A
+whole-image detector (no ``face_crop``) looks for no face; its preprocessing says whether an image is
+resized, centre-cropped or cut into tiles (:mod:`masm.data.whole_image`), and a tiled image is still one
+result.
 
 With ``explain_dir`` set, every batch is scored by :func:`masm.explain.make_explainer`'s explainer
 instead (the same forward, plus one backward) and every image and scored video frame gets its explanation
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from masm.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from masm.data.whole_image import combine_tile_log_odds
 from masm.errors import MasmError
 from masm.models import Detector, load_checkpoint
 from masm.models.calibration import log_odds_of_logits, resolve_decisions, sigmoid
@@ -90,6 +95,7 @@ class _Job:
 
     result: dict
     crop_frames: list[int] = field(default_factory=list)  # frame slot of each crop
+    crop_images: list[int] = field(default_factory=list)  # which face (or whole frame) each crop is from
     scores: list[float | None] = field(default_factory=list)  # log-odds of "fake" of each crop
     frame_ids: list[int] = field(default_factory=list)  # video frame index per frame slot
     faces_per_frame: list[int] = field(default_factory=list)
@@ -277,8 +283,11 @@ class Scorer:
             job.frame_ids.append(index)
             job.faces_per_frame.append(len(faces))
             for image in faces or [rgb]:
-                job.crop_frames.append(slot)
-                crops.append(self.transform(image))
+                pixels = self.transform(image)
+                image_crops = list(pixels) if self.transform.tiled else [pixels]  # tiles: several
+                job.crop_frames += [slot] * len(image_crops)
+                job.crop_images += [job.crop_images[-1] + 1 if job.crop_images else 0] * len(image_crops)
+                crops += image_crops
             if self.explainer is not None:
                 job.frames.append(rgb)
                 job.matrices += self._crop_matrices(rgb, matrices)
@@ -289,13 +298,18 @@ class Scorer:
 
     def _crop_matrices(self, rgb: np.ndarray, face_matrices: list[np.ndarray]) -> list[np.ndarray]:
         """Frame pixels -> model input pixels for each crop of a frame (its faces, else the whole frame)."""
-        from masm.explain.geometry import compose, input_matrix
+        from masm.explain.geometry import compose
 
-        size = self.preprocessing.input_size
         if not face_matrices:
-            return [input_matrix(rgb.shape[0], rgb.shape[1], size)]
+            return self._input_matrices(rgb.shape[0], rgb.shape[1])
         crop = self.aligner.crop_size
-        return [compose(input_matrix(crop, crop, size), m) for m in face_matrices]
+        return [compose(inner, m) for m in face_matrices for inner in self._input_matrices(crop, crop)]
+
+    def _input_matrices(self, height: int, width: int) -> list[np.ndarray]:
+        """Image pixels -> model input pixels of each input the transform makes of an image."""
+        from masm.explain.geometry import transform_matrices
+
+        return transform_matrices(self.transform, height, width)
 
     # -- scoring and results ------------------------------------------------------------------------------
 
@@ -315,11 +329,16 @@ class Scorer:
         result = job.result
         if result["error"] is not None:
             return result
-        # An image scores as its most suspicious face; a video as the mean over frames of its frame score.
-        frame_log_odds = [
-            max(s for s, f in zip(job.scores, job.crop_frames) if f == slot)
-            for slot in range(len(job.frame_ids))
-        ]
+        # An image scores as its most suspicious face; a video as the mean over frames of its frame score;
+        # an image cut into tiles as its tiles' combined score (combine_tile_log_odds says why).
+        per_image: dict[int, list[float]] = {}
+        for score, image in zip(job.scores, job.crop_images):
+            per_image.setdefault(image, []).append(score)
+        frame_log_odds = [-math.inf] * len(job.frame_ids)
+        for image, slot in dict(zip(job.crop_images, job.crop_frames)).items():
+            scores = per_image[image]
+            z = scores[0] if len(scores) == 1 else combine_tile_log_odds(scores)
+            frame_log_odds[slot] = max(frame_log_odds[slot], z)
         frame_scores = [self.calibrated_score(z) for z in frame_log_odds]
         raw_frame_scores = [sigmoid(z) for z in frame_log_odds]
         score = float(np.mean(frame_scores))

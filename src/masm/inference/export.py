@@ -10,7 +10,9 @@ that :func:`masm.models.load_checkpoint` (and ``masm detect``) loads without the
 (1 when none is stored); the stored operating points' thresholds are in the metadata (``masm.input_contract``,
 key ``calibration``), to be compared with ``score``. Everything ``masm detect --no-face`` does to
 an image after decoding it happens inside the graph, exactly as :func:`masm.data.transforms.resize_square`
-and :class:`masm.data.transforms.FrameTransform` do it:
+and :class:`masm.data.transforms.FrameTransform` do it (a whole-image detector whose test policy is
+``center_crop`` instead takes its centre crop unresized, as :func:`masm.data.whole_image.center_crop`
+does, and one whose policy is ``tiles`` is refused):
 
 - resize the short side to the input size S: new size ``max(S, round(side * S / min(H, W)))`` per side
   (Python's round, half to even; computed in float64 as Python does), OpenCV's INTER_AREA when
@@ -46,7 +48,7 @@ from masm.errors import MasmError
 from masm.models import Detector, load_checkpoint, save_checkpoint
 from masm.models.calibration import log_odds_of_logits
 
-from .onnx_graph import prepend_preprocessing
+from .onnx_graph import check_exportable, prepend_preprocessing
 
 DEFAULT_OPSET = 17
 # Squeeze and Unsqueeze take their axes as an input from opset 13 on, as the preprocessing nodes write them.
@@ -75,7 +77,6 @@ def preprocessing_path(onnx_path: str | Path) -> Path:
 
 def input_contract(detector: Detector) -> dict[str, Any]:
     """What the exported graph takes and gives, and what it does in between (also its metadata)."""
-    size = detector.preprocessing.input_size
     return {
         "input": "image",
         "input_format": "uint8 RGB, N x H x W x 3, any H and W (one image: image[None])",
@@ -93,9 +94,7 @@ def input_contract(detector: Detector) -> dict[str, Any]:
             else "no operating point stored: score >= 0.5 is the uncalibrated default"
         ),
         "in_graph": [
-            f"resize the short side to {size}: new side = max({size}, round(side * {size} / min(H, W))), "
-            "OpenCV INTER_AREA when shrinking, INTER_CUBIC when enlarging, rounded to uint8",
-            f"centre crop {size} x {size}: top = (new_h - {size}) // 2, left = (new_w - {size}) // 2",
+            *_geometry_steps(detector.preprocessing),
             "float32 (pixel - 255 * mean) / (255 * std), NCHW",
         ],
         "not_in_graph": (
@@ -105,6 +104,23 @@ def input_contract(detector: Detector) -> dict[str, Any]:
         ),
         "preprocessing": to_dict(detector.preprocessing),
     }
+
+
+def _geometry_steps(preprocessing) -> list[str]:
+    """How the graph turns an image of any size into the S x S input, in words."""
+    size, whole = preprocessing.input_size, preprocessing.whole_image
+    if whole is not None and whole.test == "center_crop":
+        small = whole.small_side
+        return [
+            f"centre crop {size} x {size}, no resize: rows (top + k) % H, columns (left + k) % W, "
+            f"k < {size}, top = (max(H, {small}) - {size}) // 2, left = (max(W, {small}) - {size}) // 2 "
+            f"(a side under {small} is repeated periodically up to {small})"
+        ]
+    return [
+        f"resize the short side to {size}: new side = max({size}, round(side * {size} / min(H, W))), "
+        "OpenCV INTER_AREA when shrinking, INTER_CUBIC when enlarging, rounded to uint8",
+        f"centre crop {size} x {size}: top = (new_h - {size}) // 2, left = (new_w - {size}) // 2",
+    ]
 
 
 def export_onnx(
@@ -128,6 +144,7 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise MasmError(f"--opset must be at least {MIN_OPSET} (got {opset})")
     detector = _merged_detector(model).cpu().float().eval()
+    check_exportable(detector.preprocessing)  # before the (slow) trace
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     size = detector.preprocessing.input_size

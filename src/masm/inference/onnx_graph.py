@@ -10,7 +10,10 @@ two ``Loop`` nodes, so that values that fall on a half round as OpenCV's do; a m
 in another order and differ by one grey level now and then. Its work grows with the pixel count (about
 2 s for a 12-megapixel photo on two busy CPU cores, milliseconds for a face crop). OpenCV rounds these
 means half to even, except for an exact 2x reduction, where its fast path rounds half up; the graph does
-the same. Faces are not found in the graph: a model trained on aligned face crops (its ``face_crop``, in
+the same. A whole-image detector whose test policy is ``center_crop`` resizes nothing: two ``Gather``
+nodes take the rows and columns of its centre crop by periodic indices, exactly as
+:func:`masm.data.whole_image.center_crop` does; the ``tiles`` policy is not exported. Faces are not found
+in the graph: a model trained on aligned face crops (its ``face_crop``, in
 the metadata) wants the crops ``masm preprocess`` writes, as ``masm detect --no-face`` does.
 """
 
@@ -20,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from masm.errors import MasmError
 from masm.models import Detector
+from masm.models.preprocessing import Preprocessing
 
 
 class _GraphWriter:
@@ -51,15 +56,67 @@ class _GraphWriter:
         return name
 
 
+def check_exportable(preprocessing: Preprocessing) -> None:
+    """Refuse preprocessing the graph cannot do: tiles (one image, several model inputs, one score)."""
+    whole = preprocessing.whole_image
+    if whole is not None and whole.test == "tiles":
+        raise MasmError(
+            "ONNX export of a detector that scores images by tiles (whole_image.test: tiles) is not "
+            "supported: export it with whole_image.test center_crop or resize"
+        )
+
+
 def prepend_preprocessing(model, detector: Detector, n_logits: int) -> None:
     """Turn ``model`` (pixel_values -> logits) into image -> logits, score, raw_score (see the module
     docstring)."""
     from onnx import TensorProto, helper
 
     pre = detector.preprocessing
+    check_exportable(pre)
+    whole = pre.whole_image
     g = _GraphWriter()
+    i64 = np.int64
+    if whole is not None and whole.test == "center_crop":
+        crop = _center_crop(g, pre.input_size, whole.small_side)
+    else:
+        crop = _resize_and_centre_crop(g, pre.input_size)
+
+    # Normalisation, as FrameTransform does it (float32 mean and std times 255).
+    mean = (np.asarray(pre.mean, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
+    std = (np.asarray(pre.std, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
+    g.op("Div", g.op("Sub", crop, g.const(mean, np.float32)), g.const(std, np.float32), out="pixel_values")
+
+    before = len(g.nodes)  # the nodes above feed the detector, the ones below read its logits
+    # log-odds of "fake": l_fake - l_real of a two-logit head (softmax), the logit of a one-logit head
+    if n_logits == 2:
+        fake = g.op("Gather", "logits", g.const(1, i64), axis=1)
+        log_odds = g.op("Sub", fake, g.op("Gather", "logits", g.const(0, i64), axis=1))
+    else:
+        log_odds = g.op("Gather", "logits", g.const(0, i64), axis=1)
+    raw_score = g.op("Sigmoid", log_odds, out="raw_score")
+    temperature = np.float32(detector.calibration.temperature if detector.calibration else 1.0)
+    score = g.op("Sigmoid", g.op("Div", log_odds, g.const(temperature, np.float32)), out="score")
+
+    graph = model.graph
+    detector_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(g.nodes[:before] + detector_nodes + g.nodes[before:])
+    graph.initializer.extend(g.initializers)
+    del graph.input[:]
+    graph.input.append(
+        helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3])
+    )
+    graph.output.append(helper.make_tensor_value_info(score, TensorProto.FLOAT, ["batch"]))
+    graph.output.append(helper.make_tensor_value_info(raw_score, TensorProto.FLOAT, ["batch"]))
+
+
+def _resize_and_centre_crop(g: _GraphWriter, size: int) -> str:
+    """Nodes from ``image`` to its input (N, 3, S, S) as :func:`masm.data.transforms.resize_square` makes it:
+    short side resized to S as OpenCV does (see the module docstring), centre square; float32 0..255."""
+    from onnx import TensorProto, helper
+
     f64, i64 = np.float64, np.int64
-    size_i, size_d = g.const([pre.input_size], i64), g.const([float(pre.input_size)], f64)
+    size_i, size_d = g.const([size], i64), g.const([float(size)], f64)
     one_d, zero_d, two_i = g.const(1.0, f64), g.const(0.0, f64), g.const([2], i64)
 
     image = g.op("Transpose", g.op("Cast", "image", to=TensorProto.FLOAT), perm=[0, 3, 1, 2])  # N 3 H W
@@ -181,35 +238,32 @@ def prepend_preprocessing(model, detector: Detector, n_logits: int) -> None:
         "Clip", g.op("Where", shrink, area, cubic), g.const(0.0, np.float32), g.const(255.0, np.float32)
     )
 
-    # Centre crop and normalisation, as FrameTransform does them (float32 mean and std times 255).
+    # Centre crop, as resize_square does it.
     top = g.op("Div", g.op("Sub", new_h, size_i), two_i)
     left = g.op("Div", g.op("Sub", new_w, size_i), two_i)
     starts = g.op("Concat", top, left, axis=0)
     ends = g.op("Add", starts, g.op("Concat", size_i, size_i, axis=0))
     crop = g.op("Slice", resized, starts, ends, g.const([2, 3], i64))
-    mean = (np.asarray(pre.mean, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
-    std = (np.asarray(pre.std, dtype=np.float32) * 255.0).reshape(1, 3, 1, 1)
-    g.op("Div", g.op("Sub", crop, g.const(mean, np.float32)), g.const(std, np.float32), out="pixel_values")
+    return crop
 
-    before = len(g.nodes)  # the nodes above feed the detector, the ones below read its logits
-    # log-odds of "fake": l_fake - l_real of a two-logit head (softmax), the logit of a one-logit head
-    if n_logits == 2:
-        fake = g.op("Gather", "logits", g.const(1, i64), axis=1)
-        log_odds = g.op("Sub", fake, g.op("Gather", "logits", g.const(0, i64), axis=1))
-    else:
-        log_odds = g.op("Gather", "logits", g.const(0, i64), axis=1)
-    raw_score = g.op("Sigmoid", log_odds, out="raw_score")
-    temperature = np.float32(detector.calibration.temperature if detector.calibration else 1.0)
-    score = g.op("Sigmoid", g.op("Div", log_odds, g.const(temperature, np.float32)), out="score")
 
-    graph = model.graph
-    detector_nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(g.nodes[:before] + detector_nodes + g.nodes[before:])
-    graph.initializer.extend(g.initializers)
-    del graph.input[:]
-    graph.input.append(
-        helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3])
-    )
-    graph.output.append(helper.make_tensor_value_info(score, TensorProto.FLOAT, ["batch"]))
-    graph.output.append(helper.make_tensor_value_info(raw_score, TensorProto.FLOAT, ["batch"]))
+def _center_crop(g: _GraphWriter, size: int, small_side: int) -> str:
+    """Nodes from ``image`` to its input (N, 3, S, S) under the ``center_crop`` policy, as
+    :func:`masm.data.whole_image.center_crop` takes it: no resize; rows ``(top + k) % H`` and columns
+    ``(left + k) % W``, k < S, with ``top = (max(H, small_side) - S) // 2`` (likewise ``left``), i.e. the
+    centre crop of the image repeated periodically up to ``small_side``; float32 0..255."""
+    from onnx import TensorProto
+
+    i64 = np.int64
+    shape = g.op("Shape", "image")
+    steps = g.op("Range", g.const(0, i64), g.const(size, i64), g.const(1, i64))
+
+    def indices(axis: int) -> str:
+        side = g.op("Slice", shape, g.const([axis], i64), g.const([axis + 1], i64))
+        extended = g.op("Max", side, g.const([small_side], i64))
+        start = g.op("Div", g.op("Sub", extended, g.const([size], i64)), g.const([2], i64))
+        return g.op("Mod", g.op("Add", steps, start), side)
+
+    rows = g.op("Gather", "image", indices(1), axis=1)
+    crop = g.op("Gather", rows, indices(2), axis=2)  # N S S 3, uint8
+    return g.op("Transpose", g.op("Cast", crop, to=TensorProto.FLOAT), perm=[0, 3, 1, 2])

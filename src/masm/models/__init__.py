@@ -5,7 +5,7 @@ from .checkpoint import read_checkpoint_config, save_checkpoint
 from .detector import Detector, ModelConfig
 from .factory import create_detector, load_backbone, load_checkpoint
 from .methods import METHODS, MethodConfig, apply_method, method_config
-from .preprocessing import FaceCropConfig, Preprocessing
+from .preprocessing import FaceCropConfig, Preprocessing, WholeImageConfig
 
 __all__ = [
     "BACKBONES",
@@ -15,6 +15,7 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "Preprocessing",
+    "WholeImageConfig",
     "apply_method",
     "create_detector",
     "load_backbone",
