@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from masm.cli.main import main
 from masm.errors import MasmError
@@ -244,3 +244,207 @@ def test_wrong_backbone_is_named(tmp_path):
         import_effort(tmp_path / "e.pth", tmp_path / "o", backbone="tiny-dinov2")
     with pytest.raises(MasmError, match=r"clip-vit-b16 needs .*768.*wrong --backbone"):
         import_effort(tmp_path / "e.pth", tmp_path / "o", backbone="clip-vit-b16")  # shapes only: no download
+
+
+# -- UniversalFakeDetect layout (Effort's AI-generated image detectors) -------------------------------------
+UNIVFD_PROJ = re.compile(
+    r"^vision_model\.(encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj)\.(weight|bias)$"
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    vocab_size=99,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+
+def tiny_clip_model(seed: int = 0) -> CLIPModel:
+    """A whole CLIPModel (text tower too) whose vision tower is the registry's tiny-clip architecture."""
+    config = CLIPConfig(vision_config=BACKBONES["tiny-clip"].config, text_config=TINY_TEXT, projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPModel(config).eval()
+
+
+def univfd_state(*, fc_width=64, position_ids=False, seed=0) -> dict:
+    """Effort's UniversalFakeDetect ClipModel state dict: ``model.`` + a whole CLIPModel with the vision
+    attention projections as Effort's SVD layers (residuals moved off their SVD values), ``fc`` one logit."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, tensor in tiny_clip_model(seed).state_dict().items():
+        match = UNIVFD_PROJ.match(key)
+        if not match:
+            state[f"model.{key}"] = tensor.clone()
+            continue
+        name, kind = match.groups()
+        prefix = f"model.vision_model.{name}"
+        if kind == "bias":
+            state[f"{prefix}.bias"] = tensor.clone() + 0.1 * torch.randn(tensor.shape, generator=gen)
+            continue
+        U, S, Vh = torch.linalg.svd(tensor.double())
+        r = S.numel() - 1
+        state[f"{prefix}.weight_main"] = ((U[:, :r] * S[:r]) @ Vh[:r]).float()
+        state[f"{prefix}.U_residual"] = (U[:, r:] + 0.3 * torch.randn(U[:, r:].shape, generator=gen)).float()
+        state[f"{prefix}.S_residual"] = (S[r:] * 5 + 1).float()
+        state[f"{prefix}.V_residual"] = (Vh[r:] + 0.3 * torch.randn(Vh[r:].shape, generator=gen)).float()
+    if position_ids:  # what transformers before 4.31 saved
+        state["model.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+        state["model.text_model.embeddings.position_ids"] = torch.arange(16)[None]
+    state["fc.weight"] = torch.randn(1, fc_width, generator=gen)
+    state["fc.bias"] = torch.randn(1, generator=gen)
+    return state
+
+
+@torch.no_grad()
+def univfd_reference_log_odds(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """``fc(feature)`` from Effort's formula on a whole CLIPModel: the pooled output, or CLIP's projection of
+    it for an ``fc`` as wide as the projection."""
+    clip = tiny_clip_model(seed=99)  # every weight comes from the state
+    plain = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    result = clip.load_state_dict({k: v for k, v in plain.items() if k in clip.state_dict()}, strict=False)
+    assert all(UNIVFD_PROJ.match(k) and k.endswith(".weight") for k in result.missing_keys)
+    for name, _ in list(clip.vision_model.named_modules()):
+        if re.search(r"self_attn\.(q|k|v|out)_proj$", name):
+            parts = {
+                p: plain[f"vision_model.{name}.{p}"]
+                for p in ("weight_main", "U_residual", "S_residual", "V_residual", "bias")
+            }
+            parent, _, child = name.rpartition(".")
+            setattr(clip.vision_model.get_submodule(parent), child, EffortFormulaLinear(parts))
+    feature = clip.vision_model(pixel_values=x).pooler_output
+    if state["fc.weight"].shape[1] != feature.shape[1]:
+        feature = clip.visual_projection(feature)
+    return F.linear(feature, state["fc.weight"], state["fc.bias"])[:, 0]
+
+
+@pytest.mark.parametrize("fc_width, position_ids", [(64, False), (32, True)])
+def test_univfd_layout_imports_one_logit_whole_image_detector(tmp_path, fc_width, position_ids):
+    from masm.models.calibration import log_odds_of_logits
+
+    state = univfd_state(fc_width=fc_width, position_ids=position_ids)
+    torch.save({"model": state, "total_steps": 120}, tmp_path / "aigi.pth")  # as UnivFD's save_networks
+    out, info = import_effort(tmp_path / "aigi.pth", tmp_path / "masm", backbone="tiny-clip")
+    x = _x()
+    expected = univfd_reference_log_odds(state, x)
+    # The residuals were moved off their SVD values: a detector ignoring them would score differently.
+    assert (
+        expected - univfd_reference_log_odds(univfd_state(fc_width=fc_width, seed=5), x)
+    ).abs().max() > 1e-3
+    detector = load_checkpoint(out)
+    assert detector.head_logits == 1 and tuple(detector.head.weight.shape) == (1, 64)
+    assert (log_odds_of_logits(detector(x)) - expected).abs().max().item() <= 1e-4
+    assert (detector.score(x) - torch.sigmoid(expected)).abs().max().item() <= 1e-4
+    source = info["imported_from"]
+    assert (source["layout"], source["head_logits"], source["adapted_layers"]) == ("univfd", 1, 16)
+    text_tensors = sum(
+        k.startswith("text_model.") or k in ("logit_scale", "text_projection.weight")
+        for k in tiny_clip_model().state_dict()
+    )
+    assert f"dropped the text tower ({text_tensors + position_ids} tensors)" in source["notes"]
+    assert any("folded" in note for note in source["notes"]) == (fc_width == 32)
+    pre = json.loads((out / "config.json").read_text())["model"]["preprocessing"]
+    assert pre["face_crop"] is None and pre["input_size"] == 32
+    assert pre["whole_image"]["test"] == "center_crop" and pre["whole_image"]["small_side"] == 256
+    # As a training starting point: its one-logit head carries over.
+    start = create_detector(str(out), "effort").eval()
+    assert start.head_logits == 1 and (start.score(x) - detector.score(x)).abs().max().item() <= 1e-5
+    unmerged = effort_detector(read_effort_checkpoint(tmp_path / "aigi.pth"), backbone="tiny-clip")
+    assert unmerged.num_trainable() == 16 * (64 + 64 + 1) + 65  # rank-1 factors and the one-logit head
+
+
+def test_cli_imports_univfd_and_whole_image_deepfakebench(tmp_path, capsys):
+    torch.save({"model": univfd_state()}, tmp_path / "aigi.pth")
+    code = main(
+        [
+            "import",
+            "effort",
+            str(tmp_path / "aigi.pth"),
+            "--out",
+            str(tmp_path / "u"),
+            "--backbone",
+            "tiny-clip",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "one-logit (sigmoid) head" in printed and "(UniversalFakeDetect layout)" in printed
+    assert "whole images, centre crop" in printed
+
+    state = effort_state(module=True)
+    torch.save(state, tmp_path / "face.pth")
+    argv = ["import", "effort", str(tmp_path / "face.pth"), "--backbone", "tiny-clip", "--out"]
+    assert main([*argv, str(tmp_path / "f"), "--whole-image"]) == 0
+    printed = capsys.readouterr().out
+    assert "two-logit (softmax) head" in printed and "(DeepfakeBench layout)" in printed
+    detector = load_checkpoint(tmp_path / "f")
+    assert detector.head_logits == 2 and detector.preprocessing.face_crop is None
+    assert detector.preprocessing.whole_image is not None
+    x = _x()
+    assert (detector.score(x) - reference_scores(state, x)).abs().max().item() <= 1e-4
+    assert main([*argv, str(tmp_path / "g")]) == 0  # without the flag: face crops, as before
+    assert load_checkpoint(tmp_path / "g").preprocessing.face_crop is not None
+
+
+def test_univfd_missing_extra_and_foreign_keys_are_named(tmp_path, capsys):
+    good = univfd_state()
+    q = "model.vision_model.encoder.layers.3.self_attn.q_proj"
+    cases = {
+        "missing.pth": (
+            {k: v for k, v in good.items() if k != "model.vision_model.post_layernorm.weight"},
+            r"missing key 'model\.vision_model\.post_layernorm\.weight'",
+        ),
+        "nofactor.pth": (
+            {k: v for k, v in good.items() if k != f"{q}.V_residual"},
+            rf"missing key '{re.escape(q)}\.V_residual'",
+        ),
+        "nobias.pth": ({k: v for k, v in good.items() if k != "fc.bias"}, r"missing key 'fc\.bias'"),
+        "extra_tower.pth": (
+            {**good, "model.vision_model.encoder.layers.0.mlp.fc3.weight": torch.zeros(64, 64)},
+            r"unexpected key 'model\.vision_model\.encoder\.layers\.0\.mlp\.fc3\.weight'",
+        ),
+        "extra_factor.pth": (
+            {**good, f"{q}.W_extra": torch.zeros(3)},
+            rf"unexpected key '{re.escape(q)}\.W_extra'",
+        ),
+        "extra_top.pth": (
+            {**good, "model.extra_head.weight": torch.zeros(2)},
+            r"unexpected key 'model\.extra_head\.weight'",
+        ),
+        "extra_fc.pth": ({**good, "fc.scale": torch.ones(1)}, r"unexpected key 'fc\.scale'"),
+        "extra_head.pth": ({**effort_state(), "head.scale": torch.ones(1)}, r"unexpected key 'head\.scale'"),
+        "width.pth": (
+            {**good, "fc.weight": torch.zeros(1, 48)},
+            r"key 'fc\.weight' has shape \(1, 48\), tiny-clip needs \(1, 64\)",
+        ),
+        "logits.pth": (
+            {**good, "fc.weight": torch.zeros(3, 64), "fc.bias": torch.zeros(3)},
+            "not a linear head of one or two logits",
+        ),
+        "third.pth": (
+            {"encoder.blocks.0.weight": torch.zeros(2), "classifier.weight": torch.zeros(1, 2)},
+            r"not an Effort checkpoint \(neither DeepfakeBench's layout.*first keys: encoder\.blocks\.0\.weight, "
+            r"classifier\.weight\)",
+        ),
+    }
+    for name, (state, message) in cases.items():
+        torch.save({"model": state}, tmp_path / name)
+        code = main(
+            [
+                "import",
+                "effort",
+                str(tmp_path / name),
+                "--out",
+                str(tmp_path / "o"),
+                "--backbone",
+                "tiny-clip",
+            ]
+        )
+        err = capsys.readouterr().err.strip()
+        assert code != 0, name
+        assert len(err.splitlines()) == 1 and name in err and re.search(message, err), (name, err)
+    assert not (tmp_path / "o").exists()

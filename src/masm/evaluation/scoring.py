@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..models.calibration import log_odds_of_logits
+from ..models.detector import fake_probability
 from ..precision import autocast_for, resolve_device
 
 
@@ -63,7 +64,7 @@ def score_records(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate_frames,
+        collate_fn=collate_tiles if getattr(transform, "tiled", False) else collate_frames,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(0),  # leave the global RNG alone (training resumes exactly)
     )
@@ -73,11 +74,16 @@ def score_records(
     try:
         for batch in loader:
             failed += [(str(path), _reason(err)) for path, err in batch["failed"]]
-            if batch["pixel_values"] is not None:
+            if batch["pixel_values"] is not None and "tiles" in batch:
+                frame_log_odds = _tiled_log_odds(detector, batch, device, precision, batch_size)
+                scores[batch["index"].numpy()] = np.exp(-np.logaddexp(0.0, -frame_log_odds))  # sigmoid
+                if log_odds is not None:
+                    log_odds[batch["index"].numpy()] = frame_log_odds
+            elif batch["pixel_values"] is not None:
                 pixels = batch["pixel_values"].to(device, non_blocking=True)
                 with autocast_for(device, precision):
                     logits = detector(pixels)
-                probs = logits.float().softmax(-1)[:, 1].cpu().double().numpy()
+                probs = fake_probability(logits).cpu().double().numpy()
                 scores[batch["index"].numpy()] = probs
                 if log_odds is not None:
                     log_odds[batch["index"].numpy()] = log_odds_of_logits(logits).cpu().double().numpy()
@@ -86,6 +92,33 @@ def score_records(
         bar.close()
         detector.train(was_training)
     return scores, failed
+
+
+def collate_tiles(batch: list[dict]) -> dict:
+    """:func:`~masm.data.dataset.collate_frames` for a tiled transform (each sample ``(T, 3, S, S)``): the
+    good samples' tiles one after another in ``pixel_values``, their counts in ``tiles``."""
+    from ..data.dataset import collate_frames
+
+    good = [s["pixel_values"] for s in batch if s["error"] is None]
+    out = collate_frames([{**s, "pixel_values": torch.zeros(())} for s in batch])
+    out["pixel_values"] = torch.cat(good) if good else None
+    out["tiles"] = [len(tiles) for tiles in good]
+    return out
+
+
+def _tiled_log_odds(detector, batch: dict, device, precision: str, chunk: int) -> np.ndarray:
+    """Each frame's log-odds from its tiles' (:func:`~masm.data.whole_image.combine_tile_log_odds`, as
+    ``masm detect`` combines them), the tiles run ``chunk`` at a time so a batch of large images fits."""
+    from ..data.whole_image import combine_tile_log_odds
+
+    pixels = batch["pixel_values"]
+    parts = []
+    for start in range(0, len(pixels), chunk):
+        with autocast_for(device, precision):
+            logits = detector(pixels[start : start + chunk].to(device, non_blocking=True))
+        parts.append(log_odds_of_logits(logits).cpu().double())
+    tile_log_odds = torch.cat(parts).split(batch["tiles"])
+    return np.array([combine_tile_log_odds(z.numpy()) for z in tile_log_odds], dtype=np.float64)
 
 
 def score_sharded(

@@ -1,8 +1,8 @@
 """What every explanation method returns, and the steps they share.
 
 Below :mod:`.maps` (which picks a method) and the methods themselves (:mod:`.relevance`, :mod:`.gradcam`),
-so that a method never imports the module that dispatches to it. Both explain ``l_fake - l_real``, the
-logit of P(fake) (:func:`fake_log_odds`), and carry their patch-grid map to the model input the same way
+so that a method never imports the module that dispatches to it. Both explain the logit of P(fake)
+(:func:`fake_log_odds`: ``l_fake - l_real`` of a two-logit head, the logit of a one-logit head), and carry their patch-grid map to the model input the same way
 (:func:`grid_to_input`): bilinear upsampling, then min-max scaling per image to [0, 1].
 """
 
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..models.calibration import log_odds_of_logits
+from ..models.detector import fake_probability
 
 
 @dataclass
@@ -40,5 +43,9 @@ def grid_to_input(patch_maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def fake_log_odds(logits: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    return logits[:, 1] - logits[:, 0]
+    return log_odds_of_logits(logits)
+
+
+def fake_scores(logits: torch.Tensor) -> torch.Tensor:
+    """P(fake) of a batch's logits (detached): what :class:`Explanation` reports as ``scores``."""
+    return fake_probability(logits.detach())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MasmError
-from .explanation import Explanation, fake_log_odds, grid_to_input
+from .explanation import Explanation, fake_log_odds, fake_scores, grid_to_input
 
 
 class TokenGradCAM:
@@ -56,7 +56,7 @@ class TokenGradCAM:
         cam = self.token_map(captured[0].detach().float(), grads.float())
         maps = grid_to_input(cam, pixel_values.shape[-1])
         return Explanation(
-            scores=logits.detach().float().softmax(-1)[:, 1],
+            scores=fake_scores(logits),
             maps=maps,
             log_odds=fake_log_odds(logits.detach()),
         )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .explanation import scale_unit
+from .explanation import fake_log_odds, scale_unit
 
 
 def pixel_auc(map_: np.ndarray, mask: np.ndarray) -> float | None:
@@ -60,7 +60,7 @@ def input_gradient_maps(detector, pixel_values: torch.Tensor, batch_size: int = 
             x = chunk.to(device).requires_grad_(True)
             with torch.enable_grad():
                 logits = detector(x).float()
-                (grad,) = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), x)
+                (grad,) = torch.autograd.grad(fake_log_odds(logits).sum(), x)
             parts.append(scale_unit(grad.abs().amax(dim=1)).cpu())
     finally:
         detector.train(was_training)

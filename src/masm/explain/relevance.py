@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .explanation import Explanation, fake_log_odds, grid_to_input
+from .explanation import Explanation, fake_log_odds, fake_scores, grid_to_input
 
 
 class AttentionRelevance:
@@ -60,7 +60,7 @@ class AttentionRelevance:
         patch_maps = self.relevance(attentions, grads)
         maps = grid_to_input(patch_maps, pixel_values.shape[-1])
         return Explanation(
-            scores=logits.detach().float().softmax(-1)[:, 1],
+            scores=fake_scores(logits),
             maps=maps,
             log_odds=fake_log_odds(logits.detach()),
         )

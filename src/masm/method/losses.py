@@ -120,13 +120,14 @@ def total_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training objective and each of its terms (detached, so logging does not force a device sync).
 
-    Logged terms: ``cls``, then those of :func:`regularizers` (``orth``, ``guard``, ``spec``) when
+    ``cls`` is the cross-entropy of a two-logit head (softmax), the binary cross-entropy of a one-logit head
+    (its logit is the log-odds of fake). Logged terms: ``cls``, then those of :func:`regularizers` (``orth``, ``guard``, ``spec``) when
     ``config`` is given, then the auxiliary ones, then ``total``. ``auxiliary``: ``{name: (weight,
     value)}`` of further terms; by default those of ``model.auxiliary_losses(labels)`` when the model has
     that method (a :class:`~masm.models.Detector` does: the method's feature losses, e.g. ln-tune's GenD
     alignment and uniformity; empty for methods without any), and none for any other module.
     """
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = classification_loss(logits, labels)
     logged = {"cls": loss.detach()}
     if config is not None:
         weights = {"orth": config.lambda_orth, "guard": config.lambda_guard, "spec": config.lambda_spec}
@@ -140,6 +141,13 @@ def total_loss(
         logged[name] = value.detach()
     logged["total"] = loss.detach()
     return loss, logged
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the labels (1 = fake) under a head of two logits (softmax) or one (sigmoid)."""
+    if logits.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(logits.float()[:, 0], labels.float())
+    return F.cross_entropy(logits.float(), labels)
 
 
 def _model_losses(model: nn.Module, labels: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:

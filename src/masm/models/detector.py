@@ -1,5 +1,6 @@
-"""A deepfake detector: a vision backbone, a fine-tuning method and a 2-way linear head, built on a backbone
-already in memory (from a name or a checkpoint directory: :mod:`~masm.models.factory`)."""
+"""A deepfake detector: a vision backbone, a fine-tuning method and a linear head of two logits (softmax,
+cross-entropy) or one (sigmoid, binary cross-entropy, as UniversalFakeDetect's detectors), built on a
+backbone already in memory (from a name or a checkpoint directory: :mod:`~masm.models.factory`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import from_dict
+from ..errors import MasmError, SettingsError
 from .backbone_loading import LoadedBackbone
 from .calibration import Calibration
 from .families import BackboneFamily, family_of
 from .fingerprint import backbone_fingerprint
 from .methods import MethodConfig, apply_method, merge_method, method_config, resolve_targets
 from .preprocessing import Preprocessing
+
+# A head's logit count when nothing decides otherwise (every checkpoint written before the choice existed).
+DEFAULT_HEAD_LOGITS = 2
 
 
 @dataclass
@@ -30,11 +35,27 @@ class ModelConfig:
     preprocessing: Preprocessing | None = field(
         default=None, metadata={"help": "input size, mean/std and face crop; null = the backbone's defaults"}
     )
+    head_logits: int | None = field(
+        default=None,
+        metadata={
+            "help": "logits of the head: 2 (P(fake) by softmax, cross-entropy loss) or 1 (P(fake) by sigmoid, "
+            "binary cross-entropy, as UniversalFakeDetect's detectors); null = 2, or as many as the head of "
+            "the masm checkpoint named as backbone"
+        },
+    )
+
+    def __post_init__(self):
+        if self.head_logits is not None and self.head_logits not in (1, 2):
+            raise SettingsError(
+                ["head_logits"],
+                f"a head has 1 logit (sigmoid) or 2 (softmax), got {self.head_logits}",
+            )
 
 
 class Detector(nn.Module):
     """``logits = head(f)`` with ``f`` the backbone family's pooled feature (L2-normalised when the method
-    says so); P(fake) = ``softmax(logits)[:, 1]``."""
+    says so); P(fake) = ``softmax(logits)[:, 1]`` for two logits, ``sigmoid(logit)`` for one
+    (:func:`fake_probability`)."""
 
     def __init__(
         self,
@@ -47,7 +68,7 @@ class Detector(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.family = family or family_of(backbone)
-        self.head = nn.Linear(self.family.feature_dim(backbone), 2)
+        self.head = nn.Linear(self.family.feature_dim(backbone), config.head_logits or DEFAULT_HEAD_LOGITS)
         self.config = config
         self.preprocessing = preprocessing
         self.backbone_fingerprint = fingerprint
@@ -86,10 +107,14 @@ class Detector(nn.Module):
             terms["uniform"] = (settings.lambda_uniform, uniformity_loss(feature, settings.uniform_t))
         return terms
 
+    @property
+    def head_logits(self) -> int:
+        return self.head.out_features
+
     @torch.no_grad()
     def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """P(fake) per image."""
-        return self.forward(pixel_values).float().softmax(-1)[:, 1]
+        return fake_probability(self.forward(pixel_values))
 
     def merge(self) -> Detector:
         """Fold adapters into plain Linears (in place): inference at exactly the plain backbone's speed."""
@@ -125,6 +150,7 @@ def build_detector(
     preprocessing: Preprocessing | None = None,
     cache_dir=None,
     seed: int | None = 0,
+    head_logits: int | None = None,
 ) -> Detector:
     """:func:`~masm.models.create_detector` on a backbone already in memory (``name`` is what the config records)."""
     method_cfg = method_config(method) if isinstance(method, str) else method
@@ -132,7 +158,8 @@ def build_detector(
     model = loaded.model
     fingerprint = backbone_fingerprint(model)
     pre = preprocessing or loaded.preprocessing
-    config = ModelConfig(backbone=name, method=method_cfg, preprocessing=pre)
+    logits = _head_logits(head_logits, loaded, name)
+    config = ModelConfig(backbone=name, method=method_cfg, preprocessing=pre, head_logits=logits)
     model = apply_method(loaded.family.prepare(model), method_cfg, cache_dir=cache_dir)
     if seed is None:
         detector = Detector(model, config, pre, fingerprint, loaded.family)
@@ -143,6 +170,28 @@ def build_detector(
     if loaded.head is not None:  # a masm checkpoint as the starting point: its head too
         detector.head.load_state_dict(copy.deepcopy(loaded.head))
     return detector
+
+
+def _head_logits(requested: int | None, loaded: LoadedBackbone, name: str) -> int:
+    """The head's logit count: as requested, else that of the head a masm checkpoint starts from, else 2."""
+    if loaded.head is None:
+        return requested or DEFAULT_HEAD_LOGITS
+    start = int(loaded.head["weight"].shape[0])
+    if requested is not None and requested != start:
+        raise MasmError(
+            f"model.head_logits is {requested}, but the checkpoint {name} starts from a {start}-logit head: "
+            f"set model.head_logits: {start} (or null)"
+        )
+    return start
+
+
+def fake_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(fake) from a head's logits, in float32: the softmax's fake entry for two logits (computed exactly as
+    masm always has, so two-logit scores do not move), the sigmoid of the logit for one."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return logits.softmax(-1)[:, 1]
 
 
 def alignment_loss(feature: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,25 @@
-"""Import Effort's released detectors (``effort_clip_L14_trainOn_FaceForensic.pth`` and the like).
+"""Import Effort's released detectors (``effort_clip_L14_trainOn_FaceForensic.pth``, its AI-generated image
+detectors and the like).
 
 Effort (ICML 2025) is MASM with one rank-1 residual subspace per attention projection, so its checkpoints
 become masm detectors that ``masm detect``, ``masm eval``, :func:`~masm.models.load_checkpoint` and
 training (as ``model.backbone``: the starting point) accept.
 
-The file layout, as Effort's model code names it (keys prefixed ``backbone.``, and ``module.`` when saved
-under DDP; the whole file maybe under ``state_dict`` or ``model``):
+A file is in DeepfakeBench's layout (face detectors: ``backbone.*``, a two-logit ``head.*``) or in
+UniversalFakeDetect's (AI-generated images: a whole ``CLIPModel`` under ``model.*``, a one-logit ``fc.*``);
+:mod:`~masm.models.effort_layouts` recognises which and names the vision tower's tensors as follows:
 
 * ``encoder.layers.{i}.self_attn.{q,k,v,out}_proj.{weight_main, bias, U_residual [d_out,r], S_residual [r],
   V_residual [r,d_in]}``, and ``U_r, S_r, V_r`` (the principal factors, which the forward never uses and
   which are absent from some released files);
 * every other CLIP vision tensor as ``CLIPModel.vision_model`` names it (``embeddings.*``,
   ``pre_layrnorm.*``, ``layer_norm1/2``, ``mlp.fc1/fc2``, ``post_layernorm.*``);
-* ``head.weight [2, d]``, ``head.bias [2]`` on the ``pooler_output``.
+* the head, ``weight [n, d]`` and ``bias [n]`` on the ``pooler_output``: two logits (softmax) from
+  DeepfakeBench, one (sigmoid) from UniversalFakeDetect, kept as it is.
+
+A UniversalFakeDetect detector (or any, with ``whole_image=True``) is written with whole-image
+preprocessing: no face crop; the centre crop at the image's own resolution, sides under 256 pixels
+repeated up to it first, as Effort's AI-generated image evaluation.
 
 A projection computes ``x (W_main + U_residual diag(S_residual) V_residual)ᵀ + b``. masm's layer computes
 ``x (W_sem + U diag(s) Vᵀ)ᵀ + b``, so ``W_sem = W_main``, ``U = U_residual``, ``s = S_residual`` and
@@ -22,9 +29,7 @@ parameter names). Written from that specification; no Effort code is used.
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +42,9 @@ from ..method.apply import masm_layers
 from .backbone_loading import LoadedBackbone, build_architecture
 from .checkpoint import file_sha256, save_checkpoint
 from .detector import Detector, build_detector
+from .effort_layouts import read_effort_file
 from .methods import method_config
-from .preprocessing import FaceCropConfig, Preprocessing
+from .preprocessing import FaceCropConfig, Preprocessing, WholeImageConfig
 
 _LAYER = re.compile(r"^(encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj)\.(\w+)$")
 _FACTORS = ("weight_main", "U_residual", "S_residual", "V_residual")
@@ -65,7 +71,11 @@ class EffortLayer:
 
 @dataclass
 class EffortCheckpoint:
-    """An Effort checkpoint split into its adapted layers, the other vision tensors and the head."""
+    """An Effort checkpoint split into its adapted layers, the other vision tensors and the head.
+
+    ``layout``: ``deepfakebench`` or ``univfd``; ``prefix`` and ``head_prefix``: how the file names the
+    vision tower's and the head's keys (``backbone.`` / ``head.``, ``model.vision_model.`` / ``fc.``).
+    """
 
     path: str
     layers: dict[str, EffortLayer]
@@ -73,45 +83,48 @@ class EffortCheckpoint:
     head: dict[str, torch.Tensor]
     residual_rank: int
     notes: list[str] = field(default_factory=list)
+    layout: str = "deepfakebench"
+    prefix: str = "backbone."
+    head_prefix: str = "head."
+
+    @property
+    def head_logits(self) -> int:
+        return int(self.head["weight"].shape[0])
 
 
 def read_effort_checkpoint(path: str | Path) -> EffortCheckpoint:
-    """Read and validate an Effort checkpoint file (``torch.load(weights_only=True)``, or safetensors)."""
+    """Read and validate an Effort checkpoint file (``torch.load(weights_only=True)``, or safetensors) of
+    either layout (:mod:`~masm.models.effort_layouts`)."""
     path = Path(path)
-    state = _load_state(path)
-    notes = []
-    if any(k.startswith("module.") for k in state):
-        notes.append("stripped the DDP prefix 'module.'")
-    state = {_strip(k, "module."): v for k, v in state.items()}
-    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
-    others = sorted(k for k in state if not k.startswith(("backbone.", "head.")))
-    if not backbone or not head:
-        raise MasmError(
-            f"{path}: not an Effort checkpoint (no 'backbone.*' and 'head.*' tensors; "
-            f"first keys: {', '.join(list(state)[:3]) or 'none'})"
-        )
-    if others:
-        raise MasmError(f"{path}: unexpected key {others[0]!r} (not part of Effort's detector)")
-    if any(k.startswith("vision_model.") for k in backbone):  # a CLIPVisionModel saved under transformers 4
-        backbone = {_strip(k, "vision_model."): v for k, v in backbone.items()}
-    for key in ("weight", "bias"):
-        if key not in head:
-            raise MasmError(f"{path}: missing key 'head.{key}'")
-    layers, vision, absent_principal = _split_layers(path, backbone)
+    found = read_effort_file(path)
+    notes = list(found.notes)
+    layers, vision, absent_principal = _split_layers(path, found.backbone, found.prefix)
     ranks = {layer.S_residual.numel() for layer in layers.values()}
     if len(ranks) != 1:
         raise MasmError(f"{path}: the residual ranks differ between layers ({sorted(ranks)})")
     if absent_principal:
         notes.append(f"U_r/S_r/V_r absent in {absent_principal} layers (unused by the forward)")
-    return EffortCheckpoint(str(path), layers, vision, head, ranks.pop(), notes)
+    return EffortCheckpoint(
+        str(path),
+        layers,
+        vision,
+        found.head,
+        ranks.pop(),
+        notes,
+        layout=found.layout,
+        prefix=found.prefix,
+        head_prefix=found.head_prefix,
+    )
 
 
-def effort_detector(ckpt: EffortCheckpoint, backbone: str = "clip-vit-l14") -> Detector:
+def effort_detector(
+    ckpt: EffortCheckpoint, backbone: str = "clip-vit-l14", *, whole_image: bool | None = None
+) -> Detector:
     """The checkpoint as masm's K=1, m=r detector (unmerged), built through masm's public path.
 
     ``backbone`` names the architecture only (a registry name or a directory with a ``config.json``); every
-    weight comes from the file.
+    weight comes from the file. ``whole_image``: whole-image preprocessing instead of face crops (None:
+    for a UniversalFakeDetect file only).
     """
     model, family = build_architecture(backbone)
     if family.name != "clip":
@@ -119,11 +132,13 @@ def effort_detector(ckpt: EffortCheckpoint, backbone: str = "clip-vit-l14") -> D
             f"Effort checkpoints hold a CLIP vision tower; --backbone {backbone} is a {family.name} model"
         )
     _load_plain_backbone(ckpt, model, backbone)
-    preprocessing = Preprocessing(input_size=family.input_size(model), face_crop=FaceCropConfig())
+    if whole_image is None:
+        whole_image = ckpt.layout == "univfd"
+    preprocessing = effort_preprocessing(family.input_size(model), whole_image)
     method = method_config("effort", {"masm": {"subspace_rank": ckpt.residual_rank}})
     loaded = LoadedBackbone(model, family, preprocessing)
     # The SVD that apply_masm makes is replaced right away: cache nothing.
-    detector = build_detector(loaded, backbone, method, cache_dir=False)
+    detector = build_detector(loaded, backbone, method, cache_dir=False, head_logits=ckpt.head_logits)
     detector.load_state_dict({f"head.{k}": v.float() for k, v in ckpt.head.items()}, strict=False)
     factors = effort_factor_state(detector, ckpt)
     result = detector.load_state_dict(factors, strict=False)
@@ -131,6 +146,16 @@ def effort_detector(ckpt: EffortCheckpoint, backbone: str = "clip-vit-l14") -> D
         raise RuntimeError(f"effort_factor_state is out of date: {result.unexpected_keys[0]!r}")
     _verify_weights(detector, ckpt)
     return detector.eval()
+
+
+def effort_preprocessing(input_size: int, whole_image: bool) -> Preprocessing:
+    """Effort's test-time input at ``input_size``, CLIP's mean and std: the aligned face crop
+    (DeepfakeBench), or the whole image's centre crop without resizing, a side under 256 pixels repeated
+    up to it first (its UniversalFakeDetect evaluation)."""
+    if not whole_image:
+        return Preprocessing(input_size=input_size, face_crop=FaceCropConfig())
+    crop = WholeImageConfig(test="center_crop", small_side=max(256, input_size))
+    return Preprocessing(input_size=input_size, face_crop=None, whole_image=crop)
 
 
 def effort_factor_state(detector: Detector, ckpt: EffortCheckpoint) -> dict[str, torch.Tensor]:
@@ -164,19 +189,27 @@ def effort_factor_state(detector: Detector, ckpt: EffortCheckpoint) -> dict[str,
 
 
 def import_effort(
-    ckpt_path: str | Path, out: str | Path, backbone: str = "clip-vit-l14"
+    ckpt_path: str | Path,
+    out: str | Path,
+    backbone: str = "clip-vit-l14",
+    *,
+    whole_image: bool | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the Effort checkpoint ``ckpt_path`` as a masm checkpoint directory at ``out`` (merged weights:
-    plain CLIP Linears, loadable without the MASM code path). Returns the directory and its import info."""
+    plain CLIP Linears, loadable without the MASM code path). Returns the directory and its import info.
+    ``whole_image``: as :func:`effort_detector`."""
     ckpt = read_effort_checkpoint(ckpt_path)
-    detector = effort_detector(ckpt, backbone)
+    detector = effort_detector(ckpt, backbone, whole_image=whole_image)
     info = {
         "imported_from": {
             "format": "effort",
+            "layout": ckpt.layout,
             "file": str(Path(ckpt_path).resolve()),
             "sha256": file_sha256(Path(ckpt_path)),
             "adapted_layers": len(ckpt.layers),
             "residual_rank": ckpt.residual_rank,
+            "head_logits": ckpt.head_logits,
+            "whole_image": detector.preprocessing.face_crop is None,
             "notes": ckpt.notes,
         }
     }
@@ -185,49 +218,11 @@ def import_effort(
 
 
 # -- reading ------------------------------------------------------------------------------------------------
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise MasmError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise MasmError(f"{path}: unreadable safetensors file ({err})") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        message = str(err)
-        needed = re.search(r"GLOBAL ([\w.]+)", message)
-        if needed:  # weights_only refused a class or function reference
-            raise MasmError(
-                f"{path}: refused: unpickling it needs arbitrary code (it references {needed.group(1)}); only "
-                "plain tensor checkpoints are read (torch.load weights_only=True)"
-            ) from None
-        reason = message.split("WeightsUnpickler error:")[-1].strip().splitlines()
-        raise MasmError(f"{path}: not a PyTorch checkpoint ({_first_line(reason)})") from None
-    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise MasmError(
-            f"{path}: not a PyTorch checkpoint ({type(err).__name__}: {_first_line(str(err).splitlines())})"
-        ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
-    if not isinstance(data, dict) or not data:
-        raise MasmError(f"{path}: not an Effort checkpoint (no state dict of tensors)")
-    bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise MasmError(f"{path}: not an Effort checkpoint (entry {bad[0]!r} is not a tensor)")
-    return data
-
-
-def _split_layers(path: Path, backbone: dict[str, torch.Tensor]):
+def _split_layers(path: Path, backbone: dict[str, torch.Tensor], prefix: str):
     if not any(key.endswith(".weight_main") for key in backbone):
         raise MasmError(
-            f"{path}: not an Effort checkpoint (no SVD layers encoder.layers.N.self_attn.*_proj.weight_main)"
+            f"{path}: not an Effort checkpoint (no SVD layers {prefix}encoder.layers.N.self_attn.*_proj."
+            "weight_main)"
         )
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     vision: dict[str, torch.Tensor] = {}
@@ -242,10 +237,10 @@ def _split_layers(path: Path, backbone: dict[str, torch.Tensor]):
     for name, parts in sorted(grouped.items()):
         for factor in _FACTORS:
             if factor not in parts:
-                raise MasmError(f"{path}: missing key 'backbone.{name}.{factor}'")
+                raise MasmError(f"{path}: missing key '{prefix}{name}.{factor}'")
         unknown = sorted(set(parts) - set(_FACTORS) - _UNUSED - {"bias"})
         if unknown:
-            raise MasmError(f"{path}: unexpected key 'backbone.{name}.{unknown[0]}'")
+            raise MasmError(f"{path}: unexpected key '{prefix}{name}.{unknown[0]}'")
         absent_principal += not (_UNUSED & set(parts))
         layer = EffortLayer(
             weight_main=parts["weight_main"].float(),
@@ -254,7 +249,7 @@ def _split_layers(path: Path, backbone: dict[str, torch.Tensor]):
             S_residual=parts["S_residual"].float().reshape(-1),
             V_residual=parts["V_residual"].float(),
         )
-        _check_layer_shapes(path, name, layer)
+        _check_layer_shapes(path, prefix + name, layer)
         layers[name] = layer
     return layers, vision, absent_principal
 
@@ -270,13 +265,11 @@ def _check_layer_shapes(path: Path, name: str, layer: EffortLayer) -> None:
         got = tuple(getattr(layer, factor).shape)
         if got != shape:
             raise MasmError(
-                f"{path}: key 'backbone.{name}.{factor}' has shape {got}, Effort's formula needs {shape} "
+                f"{path}: key '{name}.{factor}' has shape {got}, Effort's formula needs {shape} "
                 f"(weight_main {d_out}x{d_in}, residual rank {r})"
             )
     if layer.bias is not None and tuple(layer.bias.shape) != (d_out,):
-        raise MasmError(
-            f"{path}: key 'backbone.{name}.bias' has shape {tuple(layer.bias.shape)}, needs ({d_out},)"
-        )
+        raise MasmError(f"{path}: key '{name}.bias' has shape {tuple(layer.bias.shape)}, needs ({d_out},)")
 
 
 # -- building -----------------------------------------------------------------------------------------------
@@ -291,20 +284,21 @@ def _load_plain_backbone(ckpt: EffortCheckpoint, model: nn.Module, backbone: str
     expected = model.state_dict()
     for key, tensor in sorted(state.items()):
         if key not in expected:
-            raise MasmError(f"{ckpt.path}: unexpected key 'backbone.{key}' (not a tensor of {backbone})")
+            raise MasmError(f"{ckpt.path}: unexpected key '{ckpt.prefix}{key}' (not a tensor of {backbone})")
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise MasmError(
-                f"{ckpt.path}: key 'backbone.{key}' has shape {tuple(tensor.shape)}, {backbone} needs "
+                f"{ckpt.path}: key '{ckpt.prefix}{key}' has shape {tuple(tensor.shape)}, {backbone} needs "
                 f"{tuple(expected[key].shape)} (wrong --backbone?)"
             )
     missing = sorted(k for k in expected if k not in state and not _IGNORED.search(k))
     if missing:
-        raise MasmError(f"{ckpt.path}: missing key 'backbone.{missing[0]}' ({len(missing)} missing in all)")
-    width = ckpt.head["weight"].shape
-    if tuple(width) != (2, int(model.config.hidden_size)) or tuple(ckpt.head["bias"].shape) != (2,):
         raise MasmError(
-            f"{ckpt.path}: key 'head.weight' has shape {tuple(width)}, {backbone} needs "
-            f"(2, {model.config.hidden_size})"
+            f"{ckpt.path}: missing key '{ckpt.prefix}{missing[0]}' ({len(missing)} missing in all)"
+        )
+    shape, needed = tuple(ckpt.head["weight"].shape), (ckpt.head_logits, int(model.config.hidden_size))
+    if shape != needed:
+        raise MasmError(
+            f"{ckpt.path}: key '{ckpt.head_prefix}weight' has shape {shape}, {backbone} needs {needed}"
         )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
 
@@ -328,13 +322,3 @@ def _find_layer(layers: dict[str, nn.Module], effort_name: str) -> str:
         if name == effort_name or name.endswith("." + effort_name):
             return name
     raise RuntimeError(f"no MASM layer for {effort_name} (target_modules do not match Effort's layers)")
-
-
-def _strip(key: str, prefix: str) -> str:
-    while key.startswith(prefix):
-        key = key[len(prefix) :]
-    return key
-
-
-def _first_line(lines: list[str]) -> str:
-    return next((line.strip() for line in lines if line.strip()), "unreadable")

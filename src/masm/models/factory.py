@@ -36,6 +36,7 @@ def create_detector(
     preprocessing: Preprocessing | None = None,
     cache_dir=None,
     seed: int | None = 0,
+    head_logits: int | None = None,
 ) -> Detector:
     """The one way to build a detector: load the backbone, apply the method, add a fresh head.
 
@@ -43,9 +44,16 @@ def create_detector(
     or a masm checkpoint directory (its merged backbone, preprocessing and head are the starting point).
     ``method`` is a preset name (``masm``, ``fmsd``, ``effort``, ``effort-reg``, ``lora``, ``full``, ``linear``,
     ``ln-tune``) or a :class:`MethodConfig`. ``seed`` makes the head's initialisation reproducible.
+    ``head_logits``: 2 (softmax) or 1 (sigmoid); None: 2, or as many as a checkpoint's head started from.
     """
     return build_detector(
-        open_backbone(backbone), backbone, method, preprocessing=preprocessing, cache_dir=cache_dir, seed=seed
+        open_backbone(backbone),
+        backbone,
+        method,
+        preprocessing=preprocessing,
+        cache_dir=cache_dir,
+        seed=seed,
+        head_logits=head_logits,
     )
 
 
@@ -61,7 +69,10 @@ def load_checkpoint(
     else:
         try:
             detector = create_detector(
-                model_config.backbone, model_config.method, preprocessing=model_config.preprocessing
+                model_config.backbone,
+                model_config.method,
+                preprocessing=model_config.preprocessing,
+                head_logits=model_config.head_logits,
             )
         except MasmError as err:
             raise CheckpointError(f"{directory}: cannot rebuild its backbone: {err}") from None

@@ -123,6 +123,7 @@ def select_layers(
             _probe_method(config),
             preprocessing=config.model.preprocessing,
             seed=config.seed,  # the head the run starts from
+            head_logits=config.model.head_logits,
         )
     names, scores, steps = _measure(probe, config, records, env)
     del probe

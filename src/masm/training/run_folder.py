@@ -90,6 +90,9 @@ def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[tuple[st
     if wanted.model.method.masm.select.layers is None:  # chosen when the run started
         a.pop(SELECTED_LAYERS, None)
         b.pop(SELECTED_LAYERS, None)
+    if wanted.model.head_logits is None:  # resolved (2, or the starting checkpoint's) when the run started
+        a.pop("model.head_logits", None)
+        b.pop("model.head_logits", None)
     return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
@@ -111,6 +114,8 @@ def resume_config(out: Path, config: TrainConfig, allow_changes: bool):
         )
     if config.model.preprocessing is None:
         config.model.preprocessing = saved.model.preprocessing
+    if config.model.head_logits is None:
+        config.model.head_logits = saved.model.head_logits
     if config.model.method.masm.select.layers is None:  # the layers the run selected: no second selection
         config.model.method.masm.select.layers = saved.model.method.masm.select.layers
     return config, changes

@@ -103,6 +103,7 @@ def build_run(config, out_dir: Path, env, data: RunData, progress_bar: bool, on_
             config.model.method,
             preprocessing=config.model.preprocessing,
             seed=config.seed,
+            head_logits=config.model.head_logits,
         )
     config.model = run.detector.config  # resolved: preprocessing filled in from the backbone
     run.detector.to(env.device).train()
