@@ -1,4 +1,5 @@
-"""``masm eval``: score a checkpoint on test sets (optionally under perturbations) and write the report."""
+"""``masm eval``: score a checkpoint on test sets (optionally under perturbations, optionally re-encoded
+to check for a format bias) and write the report."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def register(subparsers) -> None:
             "Frame- and video-level AUC/AP/EER/ACC per test set and their mean: OUT/report.json, report.md, "
             "roc.png, predictions.csv, examples-NAME.png (top fakes, false alarms and misses with their "
             "explanation maps); with --perturb also robustness.json/.md/.png (AUC per perturbation and "
-            "level, level 0 = clean)."
+            "level, level 0 = clean). Test sets whose images name their generators (genimage:, univfd:, "
+            "chameleon:) also get per-generator accuracy, AP and AUC and their mean."
         ),
     )
     parser.add_argument("checkpoint", help="checkpoint directory (e.g. runs/x/checkpoints/best)")
@@ -23,7 +25,8 @@ def register(subparsers) -> None:
         action="append",
         required=True,
         metavar="SPEC",
-        help="test data spec, repeatable: dfb:PATH.json[@split] or folder:DIR",
+        help="test data spec, repeatable: dfb:PATH.json[@split], folder:DIR, genimage:ROOT[@split], "
+        "univfd:ROOT or chameleon:ROOT",
     )
     parser.add_argument(
         "--perturb",
@@ -31,6 +34,18 @@ def register(subparsers) -> None:
         default=[],
         metavar="NAME:LEVEL",
         help="robustness perturbation, repeatable: jpeg:3, blur (levels 1-5), or all",
+    )
+    parser.add_argument(
+        "--bias-check",
+        action="store_true",
+        help="also score every test set with every image re-encoded the same way (JPEG) after decoding, and "
+        "report how far AUC, AP and accuracy move (per generator too): a format bias, checked",
+    )
+    parser.add_argument(
+        "--bias-check-quality",
+        type=int,
+        metavar="Q",
+        help="JPEG quality of --bias-check's re-encoding, 1-100 (default 95)",
     )
     parser.add_argument("--frames", type=int, default=32, help="frames per video, evenly spaced (0: all)")
     parser.add_argument(
@@ -68,8 +83,11 @@ def default_out(checkpoint: Path) -> Path:
 
 def run(args) -> int:
     from masm.data.perturb import parse_perturbation
+    from masm.data.reencode import Reencoder
     from masm.errors import MasmError
+    from masm.evaluation.bias_check import bias_check_table
     from masm.evaluation.evaluate import summary_table, undefined_metric_notes
+    from masm.evaluation.generators import generators_section
     from masm.explain.evaluate import evaluate_checkpoint
 
     if args.frames < 0 or args.batch_size < 1 or args.workers < 0 or args.examples < 0:
@@ -77,6 +95,12 @@ def run(args) -> int:
     perturbations: list[tuple[str, int]] = []
     for text in args.perturb:
         perturbations += [p for p in parse_perturbation(text) if p not in perturbations]
+    bias_check = None
+    if args.bias_check_quality is not None and not args.bias_check:
+        raise MasmError("--bias-check-quality sets the quality of --bias-check: add --bias-check")
+    if args.bias_check:
+        quality = args.bias_check_quality
+        bias_check = Reencoder("jpeg") if quality is None else Reencoder("jpeg", quality)
     out = Path(args.out) if args.out else default_out(Path(args.checkpoint))
     result = evaluate_checkpoint(
         args.checkpoint,
@@ -93,8 +117,15 @@ def run(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         examples=args.examples,
+        bias_check=bias_check,
     )
     print(summary_table(result))
+    per_generator = generators_section(result["datasets"])
+    if per_generator:
+        print(per_generator)
+    if result.get("bias_check"):
+        print(f"format bias check ({bias_check.describe()}, delta = re-encoded - as evaluated):")
+        print(bias_check_table(result["bias_check"]))
     print(f"report: {result['report']}")
     notes = undefined_metric_notes(result)
     for note in notes:

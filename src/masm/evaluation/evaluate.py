@@ -5,7 +5,9 @@
 - :func:`evaluate_detector` scores data specs (clean and, optionally, under robustness perturbations) and
   writes ``report.json``/``.md``, ``roc.png``, ``predictions.csv``, the robustness report and, when the
   caller passes an :data:`ExampleSheets` writer, one example sheet per test set (the frames people look at
-  first, each with its explanation map: :mod:`masm.explain.evaluate` passes one);
+  first, each with its explanation map: :mod:`masm.explain.evaluate` passes one); test sets whose frames
+  name their generators, reals included (GenImage, UniversalFakeDetect, Chameleon), also get per-generator
+  numbers (:mod:`.generators`), and ``bias_check`` rescores every set re-encoded (:mod:`.bias_check`);
 - :func:`evaluate_checkpoint` does the same for a checkpoint directory, with the merged model (inference
   at the plain backbone's speed) and the checkpoint's resolved config in the report's meta.
 """
@@ -20,10 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.reencode import Reencoder
 from ..errors import MasmError
 from ..models.calibration import Calibration
 from ..precision import resolve_device
+from .bias_check import bias_check_report
 from .calibration import deployment_metrics
+from .generators import generators_block, has_generators
 from .metrics import evaluate_scores, mean_over_datasets
 from .report import PARITY_NOTICE, write_eval_report, write_robustness_report
 from .scoring import Shard, score_sharded
@@ -48,7 +53,9 @@ def metrics_for(
 
     With ``log_odds``, the result also holds ``"deployment"``: ECE, Brier score and TPR at FPR 1 % and
     0.1 % of the detector's calibrated score per level, and the FPR/TPR its stored operating points give
-    here (:func:`masm.evaluation.calibration.deployment_metrics`).
+    here (:func:`masm.evaluation.calibration.deployment_metrics`). When every frame names its generator,
+    reals included, ``"generators"`` (each generator's reals against its fakes,
+    :func:`masm.evaluation.generators.generators_block`) takes the place of ``"families"``.
     """
     ok = ~np.isnan(scores)
     kept = [r for r, good in zip(records, ok) if good]
@@ -64,6 +71,15 @@ def metrics_for(
     if log_odds is not None and ok.any():
         result["deployment"] = deployment_metrics(
             [r.label for r in kept], log_odds[ok], [r.video for r in kept], calibration
+        )
+    families = [r.family for r in kept]
+    if has_generators([r.label for r in kept], families):
+        # Each generator against its own reals replaces each family against all reals: one number per
+        # generator, the one the field reports.
+        result.pop("families", None)
+        kept_log_odds = log_odds[ok] if log_odds is not None else None
+        result["generators"] = generators_block(
+            [r.label for r in kept], scores[ok], families, kept_log_odds, calibration
         )
     return result, rows
 
@@ -125,6 +141,7 @@ def evaluate_detector(
     meta: Mapping[str, Any] | None = None,
     shard: Shard | None = None,
     example_sheets: ExampleSheets | None = None,
+    bias_check: Reencoder | None = None,
 ) -> dict[str, Any] | None:
     """Score ``detector`` on every test set in ``specs`` (clean, then under each perturbation).
 
@@ -137,6 +154,9 @@ def evaluate_detector(
     ``example_sheets``: with ``out_dir``, called with the scored frames before the report is written, and
     its result goes into the report (None: no sheets). :func:`masm.explain.evaluate.evaluate_detector`
     passes one that draws ``examples-NAME.png`` per test set.
+    ``bias_check`` (a :class:`~masm.data.reencode.Reencoder`): rescore every test set with every image
+    re-encoded by it, and report how far each metric moves (result and report.json key ``"bias_check"``,
+    :func:`masm.evaluation.bias_check.bias_check_report`).
     """
     from ..data.transforms import build_transform
 
@@ -157,9 +177,15 @@ def evaluate_detector(
     datasets: dict[str, dict] = {}
     predictions: dict[str, list] = {}
     robustness: dict[str, dict[int, dict[str, float | None]]] = {}
-    for condition in [None, *perturbations]:
-        transform = build_transform(preprocessing, train=False, perturbation=condition, seed=seed)
-        tag = "clean" if condition is None else f"{condition[0]}:{condition[1]}"
+    reencoded: dict[str, dict] = {}
+    # (tag, perturbation, re-encoding) of each pass over the test sets: as given, perturbed, re-encoded
+    passes: list[tuple[str, tuple[str, int] | None, Reencoder | None]] = [("clean", None, None)]
+    passes += [(f"{name}:{level}", (name, level), None) for name, level in perturbations]
+    if bias_check is not None:
+        passes.append(("bias check", None, bias_check))
+    for tag, perturbation, reencode in passes:
+        transform = build_transform(preprocessing, train=False, perturbation=perturbation, seed=seed)
+        transform.reencode = reencode
         for name, index in indexes.items():
             scored = score_sharded(
                 detector,
@@ -176,12 +202,14 @@ def evaluate_detector(
             if scored is None:  # another rank than 0: its scores went to rank 0
                 continue
             result, rows = metrics_for(index.records, *scored, calibration=calibration)
-            if condition is None:
+            if reencode is not None:
+                reencoded[name] = result
+            elif perturbation is not None:
+                per_level = robustness.setdefault(perturbation[0], {})
+                per_level.setdefault(perturbation[1], {})[name] = result["frame"]["auc"]
+            else:
                 result["data"] = index.summary()
                 datasets[name], predictions[name] = result, rows
-            else:
-                per_level = robustness.setdefault(condition[0], {})
-                per_level.setdefault(condition[1], {})[name] = result["frame"]["auc"]
     if not shard.is_main:
         return None
     for per_level in robustness.values():
@@ -196,16 +224,20 @@ def evaluate_detector(
         "processes": shard.world_size,
         **dict(meta or {}),
     }
+    bias = bias_check_report(datasets, reencoded, bias_check.as_dict()) if bias_check is not None else None
     report_path = None
     if out_dir is not None:
         sheets = example_sheets(detector, predictions, Path(out_dir)) if example_sheets else {}
-        report_path = write_eval_report(out_dir, datasets, predictions, full_meta, examples=sheets)
+        report_path = write_eval_report(
+            out_dir, datasets, predictions, full_meta, examples=sheets, bias_check=bias
+        )
         if robustness:
             write_robustness_report(out_dir, robustness)
     return {
         "datasets": datasets,
         "mean": mean_over_datasets(datasets),
         "robustness": robustness,
+        "bias_check": bias,
         "meta": full_meta,
         "report": report_path,
     }

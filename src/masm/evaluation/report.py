@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import MasmError
+from .bias_check import bias_check_section
 from .deployment_report import deployment_section, write_log_roc
+from .generators import generators_section
 from .metrics import mean_over_datasets, video_scores
 from .plots import plot_robustness, plot_roc, robustness_means
 from .report_table import cell as _cell
@@ -62,6 +64,7 @@ def write_eval_report(
     predictions: Mapping[str, Sequence[tuple[str, str, int, float]]],
     meta: Mapping[str, Any],
     examples: Mapping[str, Mapping] | None = None,
+    bias_check: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write report.json, report.md, roc.png and predictions.csv into ``out_dir``; return report.json's path.
 
@@ -70,7 +73,9 @@ def write_eval_report(
     curves). report.json is ``{"meta": meta, "datasets": {name: {"frame", "video", "skipped"[, "families"]}},
     "mean": mean_over_datasets(datasets)}``. ``meta["parity"]`` true adds the parity-mode notice to report.md.
     ``examples`` (:func:`masm.explain.examples.write_example_sheets`' result) adds ``"examples"`` to
-    report.json and the sheets to report.md.
+    report.json and the sheets to report.md. A test set whose result holds ``"generators"`` gets its
+    per-generator table; ``bias_check`` (:func:`~masm.evaluation.bias_check.bias_check_report`' result)
+    adds ``"bias_check"`` to report.json and its section to report.md.
     """
     if not datasets:
         raise MasmError(f"no evaluated datasets to report in {out_dir}")
@@ -79,6 +84,8 @@ def write_eval_report(
     report = {"meta": dict(meta), "datasets": dict(datasets), "mean": mean_over_datasets(datasets)}
     if examples:
         report["examples"] = dict(examples)
+    if bias_check:
+        report["bias_check"] = dict(bias_check)
     json_path = out / "report.json"
     _write_json(json_path, report)
     (out / "report.md").write_text(_eval_markdown(report), encoding="utf-8")
@@ -134,6 +141,9 @@ def _eval_markdown(report: Mapping[str, Any]) -> str:
     parts.append(_level_table(datasets, mean, "frame", "frames"))
     parts.append("## Video level (mean frame score per video)\n")
     parts.append(_level_table(datasets, mean, "video", "videos"))
+    for section in (generators_section(datasets), bias_check_section(report.get("bias_check"))):
+        if section:
+            parts.append(section)
     deployment = deployment_section(datasets)
     if deployment:
         parts.append(deployment)

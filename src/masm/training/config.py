@@ -29,7 +29,10 @@ class DataConfig:
     """Which frames train, validate and test a detector, and how they are loaded."""
 
     train: str = field(
-        default="", metadata={"help": "training data spec: dfb:PATH.json[@split] or folder:DIR"}
+        default="",
+        metadata={
+            "help": "training data spec: dfb:PATH.json[@split], folder:DIR, genimage:ROOT@train, univfd:ROOT"
+        },
     )
     val: str = field(
         default="auto",
@@ -70,6 +73,18 @@ class DataConfig:
         },
     )
     num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per device"})
+    align_format: Literal["jpeg"] | None = field(
+        default=None,
+        metadata={
+            "help": "re-encode every training image the same way (jpeg, at align_format_quality) after "
+            "decoding, before augmentation, so a detector cannot learn real vs fake from the file format "
+            "(GenImage: JPEG reals, PNG fakes); null = images as decoded. Check a detector with masm eval "
+            "--bias-check"
+        },
+    )
+    align_format_quality: int = field(
+        default=95, metadata={"help": "JPEG quality (1-100) of align_format's re-encoding"}
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "training augmentation"})
     pseudo_fakes: PseudoFakeConfig = field(
         default_factory=PseudoFakeConfig,
@@ -179,6 +194,7 @@ class TrainConfig:
             "data.eval_batch_size": self.data.eval_batch_size >= 1,
             "data.num_workers": self.data.num_workers >= 0,
             "data.max_failed_share": 0.0 <= self.data.max_failed_share <= 1.0,
+            "data.align_format_quality": 1 <= self.data.align_format_quality <= 100,
             "optim.grad_accum_steps": self.optim.grad_accum_steps >= 1,
             "optim.lr": self.optim.lr > 0,
             "optim.warmup_steps": self.optim.warmup_steps >= 0,

@@ -23,6 +23,7 @@ from ..data.dataset import FrameDataset, collate_frames
 from ..data.images import load_rgb
 from ..data.index import FrameIndex, FrameRecord
 from ..data.pseudo_fakes import PseudoFakeConfig, PseudoFakeMaker
+from ..data.reencode import format_aligner
 from ..data.sampling import derive_seed
 from ..data.spec import open_dataset
 from ..data.transforms import build_transform, resize_square
@@ -238,6 +239,7 @@ def build_train_loader(config: TrainConfig, records, preprocessing, rank: int, w
         )
     per_rank_batch = cfg.data.batch_size // world_size
     transform = build_transform(preprocessing, train=True, augment=cfg.data.augment, seed=cfg.seed)
+    transform.reencode = format_aligner(cfg.data.align_format, cfg.data.align_format_quality)
     frames = TrainFrames(records, transform, cfg.seed, pseudo_fakes=cfg.data.pseudo_fakes)
     sampler = ResumableSampler(frames, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     generator = torch.Generator()
