@@ -15,6 +15,7 @@ BENCHMARKS = {
     "detect": ("detect_speed", "detect throughput (files -> scores) vs a plain backbone forward"),
     "serve": ("serve", "masm serve over loopback: concurrent clients vs one at a time (batching)"),
     "explain": ("explain_maps", "explanation maps vs the true forgery region: pixel AUC and pointing game"),
+    "aigi": ("aigi", "cross-generator generalisation: train on one autoencoder's fakes, test on all of them"),
 }
 
 
