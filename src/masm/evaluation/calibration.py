@@ -47,12 +47,6 @@ def expit(x: np.ndarray) -> np.ndarray:
     return _expit(np.asarray(x, dtype=np.float64))
 
 
-def log_odds_of(scores: Any) -> np.ndarray:
-    """Log-odds of probabilities (for scores that came without their logits; saturated ones clipped)."""
-    p = np.clip(np.asarray(scores, dtype=np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
-
-
 # -- temperature scaling ----------------------------------------------------------------------------------
 
 

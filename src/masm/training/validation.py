@@ -52,8 +52,9 @@ class Selection:
                 precision=cfg.precision,
                 progress=False,
             )
-            if scored is not None:  # rank 0
-                results[name], _ = metrics_for(index.records, *scored)
+            if scored is not None:  # rank 0; selection needs no deployment metrics (no log-odds passed)
+                scores, failed, _ = scored
+                results[name], _ = metrics_for(index.records, scores, failed)
         metric = None
         if env.is_main:
             metric = (
